@@ -1,0 +1,153 @@
+"""The per-user state math of design/vql.md section 6, vectorised over users and events.
+
+A state holds, per (group g, code c, rate r), the log of the forward-decayed count
+``ell = log sum_i exp(lambda_r (t_i - T0))`` and the decayed mean of the values. The landmark
+T0 is always the latest event time seen, so ``ell <= log(count)`` never overflows, and T0 is a
+function of the event set rather than of arrival order: any permutation of the same events
+gives the same state, which is what makes late events, duplicate-free replays and shuffled
+backfills exact.
+
+This module is the only place these formulas live; the worker, replay and the tests call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from vql.schemas.user_state import UserState
+
+NO_OFFSET = -1  # applied_offset of a state that has applied nothing from a partition
+
+
+def empty_state(user_id: str, model_version: str, shape: tuple[int, int, int, int]) -> UserState:
+    """The state of a user with no history: every cell empty (log-count -inf)."""
+    groups, codes, rates, dim = shape
+    return UserState(
+        user_id=user_id,
+        model_version=model_version,
+        landmark_t0=0.0,
+        last_event_time=0.0,
+        event_count=0,
+        applied_offset=NO_OFFSET,
+        log_count=np.full((groups, codes, rates), -np.inf),
+        mean=np.zeros((groups, codes, rates, dim)),
+    )
+
+
+def apply_events(
+    states: Sequence[UserState],
+    owner: np.ndarray,
+    codes: np.ndarray,
+    values: np.ndarray,
+    times_s: np.ndarray,
+    decay_rates: np.ndarray,
+    offsets: np.ndarray | None = None,
+) -> np.ndarray:
+    """Fold a batch of encoded events into ``states`` in place; return the applied mask.
+
+    owner[i] indexes ``states`` for event i; codes (n, G), values (n, G, D), times (n,).
+    With ``offsets``, an event at or below its user's ``applied_offset`` is a duplicate
+    delivery and is skipped (that is what makes at-least-once delivery idempotent), and each
+    user's ``applied_offset`` advances to the largest applied offset.
+    """
+    n = owner.shape[0]
+    applied = np.ones(n, dtype=bool)
+    if n == 0:
+        return applied
+    groups, n_codes, n_rates, dim = states[0].shape
+    if offsets is not None:
+        floor = np.fromiter((s.applied_offset for s in states), np.int64, len(states))
+        applied = offsets > floor[owner]
+        owner, codes, values, times_s, offsets = (
+            owner[applied], codes[applied], values[applied], times_s[applied], offsets[applied]
+        )
+        if owner.shape[0] == 0:
+            return applied
+    touched = np.unique(owner)
+    local = np.searchsorted(touched, owner)  # event -> row among touched users
+    users = [states[i] for i in touched]
+
+    ell = np.stack([s.log_count for s in users])  # (U, G, K, R)
+    mean = np.stack([s.mean for s in users])  # (U, G, K, R, D)
+    had_events = np.fromiter((s.event_count > 0 for s in users), bool, len(users))
+    old_t0 = np.fromiter((s.landmark_t0 for s in users), np.float64, len(users))
+    batch_latest = np.full(len(users), -np.inf)
+    np.maximum.at(batch_latest, local, times_s)
+    new_t0 = np.where(had_events, np.maximum(old_t0, batch_latest), batch_latest)
+
+    # Move each landmark forward to the newest event: exact, ell shifts by -lambda (T1 - T0).
+    shift = np.where(had_events, new_t0 - old_t0, 0.0)
+    ell -= (shift[:, None] * decay_rates[None, :])[:, None, None, :]
+
+    # One row per (event, group, rate): its cell and its forward-decay exponent a <= 0.
+    a = decay_rates[None, :] * (times_s - new_t0[local])[:, None]  # (n, R)
+    cell = ((local[:, None] * groups + np.arange(groups)[None, :]) * n_codes + codes)  # (n, G)
+    cell = (cell[:, :, None] * n_rates + np.arange(n_rates)[None, None, :]).reshape(-1)
+    a = np.broadcast_to(a[:, None, :], (a.shape[0], groups, n_rates)).reshape(-1)
+    v = np.broadcast_to(values[:, :, None, :], (values.shape[0], groups, n_rates, dim)).reshape(-1, dim)
+
+    order = np.argsort(cell, kind="stable")
+    cell, a, v = cell[order], a[order], v[order]
+    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+    target = cell[starts]
+
+    flat_ell = ell.reshape(-1)
+    flat_mean = mean.reshape(-1, dim)
+    old = flat_ell[target]
+    peak = np.maximum(old, np.maximum.reduceat(a, starts))
+    weight = np.exp(a - np.repeat(peak, np.diff(np.r_[starts, a.shape[0]])))
+    keep = np.exp(old - peak)  # 0 for an empty cell
+    total = keep + np.add.reduceat(weight, starts)
+    new_ell = peak + np.log(total)
+    weighted = np.add.reduceat(weight[:, None] * v, starts, axis=0)
+    flat_mean[target] = (keep[:, None] * flat_mean[target] + weighted) / total[:, None]
+    flat_ell[target] = new_ell
+
+    counts = np.bincount(local, minlength=len(users))
+    latest_offsets = None
+    if offsets is not None:
+        latest_offsets = np.full(len(users), NO_OFFSET, dtype=np.int64)
+        np.maximum.at(latest_offsets, local, offsets)
+    for row, state in enumerate(users):
+        state.log_count = ell[row]
+        state.mean = mean[row]
+        state.landmark_t0 = float(new_t0[row])
+        state.last_event_time = float(new_t0[row])
+        state.event_count += int(counts[row])
+        if latest_offsets is not None:
+            state.applied_offset = max(state.applied_offset, int(latest_offsets[row]))
+    return applied
+
+
+def read_log_count(state: UserState, now_s: float, decay_rates: np.ndarray) -> np.ndarray:
+    """log Z_{g,c,r}(t) at request time t, read at max(t, latest event) (vql.md section 6)."""
+    elapsed = max(float(now_s), state.last_event_time) - state.landmark_t0
+    return state.log_count - decay_rates * elapsed
+
+
+def merge_states(first: UserState, second: UserState, decay_rates: np.ndarray) -> UserState:
+    """The state of the union of two disjoint event sets (shards, backfills)."""
+    if first.event_count == 0:
+        return second
+    if second.event_count == 0:
+        return first
+    landmark = max(first.landmark_t0, second.landmark_t0)
+    ell_a = read_log_count(first, landmark, decay_rates)
+    ell_b = read_log_count(second, landmark, decay_rates)
+    ell = np.logaddexp(ell_a, ell_b)
+    safe = np.where(np.isfinite(ell), ell, 0.0)
+    weight_a = np.exp(ell_a - safe)[..., None]
+    weight_b = np.exp(ell_b - safe)[..., None]
+    mean = np.where(np.isfinite(ell)[..., None], weight_a * first.mean + weight_b * second.mean, 0.0)
+    return UserState(
+        user_id=first.user_id,
+        model_version=first.model_version,
+        landmark_t0=landmark,
+        last_event_time=landmark,
+        event_count=first.event_count + second.event_count,
+        applied_offset=max(first.applied_offset, second.applied_offset),
+        log_count=ell,
+        mean=mean,
+    )

@@ -1,0 +1,127 @@
+"""The Faust worker: `behaviors` -> micro-batches -> states in RocksDB -> `user-states`.
+
+The agent only moves records between Kafka and :class:`BatchProcessor`. Its order of work
+per micro-batch is what makes at-least-once delivery safe (design/pipeline.md):
+
+1. process: decode, encode, fold into states (nothing durable yet);
+2. publish the changed states and dead letters, and wait until Kafka has them;
+3. write states + processed offset in one RocksDB WriteBatch per partition;
+4. ack the input records, in offset order, so that Faust may commit them.
+
+A crash between any two steps redelivers the batch; per-user applied offsets make the
+second application a no-op, and re-publishing a state to a compacted topic is harmless.
+Batches come from ``noack_take``: Faust's ``take`` acks a batch even when its processing
+raised, which would commit records that were never applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import faust
+import mode
+import numpy as np
+
+from vql.schemas.user_state import encode_user_state
+from vql.streams.processor import BatchProcessor, DeadLetter, RawRecord
+from vql.streams.settings import Settings
+
+log = logging.getLogger("vql.worker")
+
+
+def dead_letter_headers(letter: DeadLetter, source_topic: str) -> dict[str, bytes]:
+    """The DLQ contract: machine-readable reason plus where the original record came from."""
+    return {
+        "reason": letter.rejection.reason.value.encode(),
+        "detail": letter.rejection.detail.encode("utf-8", "replace"),
+        "source_topic": source_topic.encode(),
+        "source_partition": str(letter.record.partition).encode(),
+        "source_offset": str(letter.record.offset).encode(),
+    }
+
+
+def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
+    """The Faust app with its topics declared and the agent wired to ``processor``."""
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{host}" for host in settings.kafka_bootstrap.split(",")],
+        store="memory://",
+        datadir=str(settings.data_dir / "faust"),
+        web_enabled=settings.web_port > 0,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+    )
+    behaviors = app.topic(
+        settings.behaviors_topic,
+        partitions=settings.partitions,
+        replicas=settings.replication,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=True,
+    )
+    user_states = app.topic(
+        settings.states_topic,
+        partitions=settings.partitions,
+        replicas=settings.replication,
+        compacting=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=True,
+    )
+    dead_letters = app.topic(
+        settings.dlq_topic,
+        partitions=settings.partitions,
+        replicas=settings.replication,
+        key_serializer="raw",
+        value_serializer="raw",
+        internal=True,
+    )
+
+    @app.agent(behaviors, concurrency=1, supervisor_strategy=mode.CrashingSupervisor)
+    async def apply_behaviors(stream: faust.StreamT) -> None:
+        await user_states.maybe_declare()
+        await dead_letters.maybe_declare()
+        async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_s):
+            records = [
+                RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)
+                for e in events
+            ]
+            result = processor.process(records)
+            deliveries = [
+                await user_states.send(
+                    key=state.user_id.encode(), value=encode_user_state(state, np.float32)
+                )
+                for state in result.states
+            ]
+            deliveries += [
+                await dead_letters.send(
+                    key=letter.record.key,
+                    value=letter.record.value,
+                    headers=dead_letter_headers(letter, settings.behaviors_topic),
+                )
+                for letter in result.dead_letters
+            ]
+            await asyncio.gather(*deliveries)
+            processor.commit(result)
+            for event in events:
+                await stream.ack(event)
+            log.info(
+                "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published",
+                len(records), result.applied, result.duplicates, len(result.dead_letters), len(result.states),
+            )
+
+    @app.on_partitions_revoked.connect
+    async def _close_revoked_stores(sender: object, revoked: Sequence, **_: object) -> None:
+        processor.release([tp.partition for tp in revoked if tp.topic == settings.behaviors_topic])
+
+    @app.on_before_shutdown.connect
+    async def _close_stores(sender: object, **_: object) -> None:
+        processor.close()
+
+    return app

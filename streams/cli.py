@@ -1,0 +1,142 @@
+"""The `vql` command line. Every subcommand has --help; settings come from VQL_* variables."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vql.streams.settings import Settings
+
+
+def _model_init(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.model.config import ModelConfig
+    from vql.model.encoder import VQLModel
+
+    out = args.out or settings.model_path
+    if out.exists() and not args.force:
+        print(f"{out} exists; pass --force to replace it", file=sys.stderr)
+        return 1
+    config = ModelConfig(seed=args.seed)
+    version = VQLModel(config).save(out)
+    print(f"wrote model {version} to {out} (randomly initialised, seed {args.seed})")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.streams.worker import run_worker
+
+    return run_worker(settings, loglevel=args.loglevel)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.streams.demo import run_demo
+    from vql.streams.demo_events import DemoSpec
+
+    spec = DemoSpec(users=args.users, heavy_users=args.heavy_users, heavy_events=args.heavy_events)
+    return run_demo(settings, spec, timeout_s=args.timeout)
+
+
+def _produce(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.streams.demo import produce_demo_events
+    from vql.streams.demo_events import DemoSpec
+    from vql.streams.topics import ensure_topics
+
+    ensure_topics(settings)
+    spec = DemoSpec(users=args.users, heavy_users=args.heavy_users, heavy_events=args.heavy_events, seed=args.seed)
+    count, _raw = produce_demo_events(settings, spec)
+    print(f"produced {count} events to {settings.behaviors_topic}")
+    return 0
+
+
+def _score(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.streams.demo import print_top_candidates, read_states
+
+    states = read_states(settings)
+    blob = states.get(args.user.encode())
+    if blob is None:
+        print(f"no state for user {args.user!r} in {settings.states_topic}", file=sys.stderr)
+        return 1
+    print_top_candidates(settings, blob, args.candidates, args.top)
+    return 0
+
+
+def _bench_encode(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.encode import run
+
+    run(batches=args.batch, seconds=args.seconds, devices=args.device)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vql",
+        description="vql-stream: keep a ready-to-score VQL attention state for every user.",
+        epilog="Settings come from the environment (VQL_*, KAFKA_BOOTSTRAP): see docs/configuration.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = commands.add_parser("worker", help="run a stream worker (behaviors -> user-states)",
+                                 description="Run a Faust worker until SIGTERM or Ctrl-C.")
+    worker.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    worker.set_defaults(handler=_worker)
+
+    model = commands.add_parser("model", help="create and inspect model artifacts")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    init = model_commands.add_parser("init", help="write a randomly initialised model artifact",
+                                     description="Write a model artifact with the default config.")
+    init.add_argument("--out", type=Path, help="artifact path (default: $VQL_MODEL_PATH)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.set_defaults(handler=_model_init)
+
+    demo = commands.add_parser("demo", help="the main job: worker + demo events + a visible result",
+                               description="Start a worker, stream demo events through it and "
+                               "print throughput, state sizes and one user's top candidates. "
+                               "Needs a broker (make demo starts the local one).")
+    _add_demo_size(demo)
+    demo.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    demo.set_defaults(handler=_demo)
+
+    produce = commands.add_parser("produce", help="produce seeded demo events to the behaviors topic",
+                                  description="Produce demo events (see streams/demo_events.py).")
+    _add_demo_size(produce)
+    produce.add_argument("--seed", type=int, default=7)
+    produce.set_defaults(handler=_produce)
+
+    score = commands.add_parser("score", help="score random candidates for one user from user-states",
+                                description="Read a user's published state and print its top candidates.")
+    score.add_argument("user", help="user id")
+    score.add_argument("--candidates", type=int, default=1000)
+    score.add_argument("--top", type=int, default=10)
+    score.set_defaults(handler=_score)
+
+    bench = commands.add_parser("bench", help="benchmarks (one JSON line per figure)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
+    encode = bench_commands.add_parser("encode", help="code assignment throughput (events/s)",
+                                       description="Measure encode throughput of the default model.")
+    encode.add_argument("--batch", type=int, nargs="+", default=[1, 256, 4096])
+    encode.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    encode.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if present)")
+    encode.set_defaults(handler=_bench_encode)
+    return parser
+
+
+def _add_demo_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", type=int, default=3000)
+    parser.add_argument("--heavy-users", type=int, default=5, help="users with long histories")
+    parser.add_argument("--heavy-events", type=int, default=12_000, help="events of each heavy user")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        print(f"vql: bad settings in the environment: {exc}", file=sys.stderr)
+        return 2
+    return args.handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The main job: a worker, a stream of demo events, and what an operator wants to see."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vql.streams.demo_events import ITEMS_PER_CATEGORY, DemoSpec, generate, history_lengths, user_id
+from vql.streams.settings import Settings
+from vql.streams.topics import ensure_topics, latest_by_key, producer, read_topic
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that hands ``settings`` to a child process (a worker)."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        env[f"VQL_{name.upper()}"] = str(value)
+    return env
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vql.streams.cli", "worker"],
+            env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def stop_worker(worker: subprocess.Popen, timeout_s: float = 30.0) -> int:
+    """SIGTERM (the worker flushes and commits), then SIGKILL if it hangs."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    return worker.returncode
+
+
+def produce_demo_events(settings: Settings, spec: DemoSpec, progress: bool = True) -> tuple[int, dict[str, int]]:
+    """Produce the spec's events; return the count and raw JSON bytes per user."""
+    client = producer(settings.kafka_bootstrap)
+    raw_bytes: dict[str, int] = {}
+    total = int(history_lengths(spec).sum())
+    count = 0
+    with tqdm(total=total, desc="producing events", unit="ev", disable=not progress) as bar:
+        for key, value in generate(spec, now_ms=int(time.time() * 1000)):
+            client.send(settings.behaviors_topic, key=key, value=value)
+            user = key.decode()
+            raw_bytes[user] = raw_bytes.get(user, 0) + len(value)
+            count += 1
+            if count % 5000 == 0:
+                bar.update(5000)
+        bar.update(count % 5000)
+    client.flush()
+    client.close()
+    return count, raw_bytes
+
+
+def read_states(settings: Settings) -> dict[bytes, bytes]:
+    return latest_by_key(read_topic(settings.kafka_bootstrap, settings.states_topic, idle_s=1.0))
+
+
+def applied_events(states: dict[bytes, bytes]) -> int:
+    from vql.schemas.user_state import decode_user_state
+
+    return sum(decode_user_state(blob).event_count for blob in states.values())
+
+
+def print_top_candidates(settings: Settings, blob: bytes, n_candidates: int, top: int) -> None:
+    from vql.model.features import Candidates
+    from vql.model.scoring import Scorer
+    from vql.schemas.user_state import decode_user_state
+
+    state = decode_user_state(blob)
+    scorer = Scorer.from_path(settings.model_path)
+    rng = np.random.default_rng(0)
+    category = rng.integers(0, 200, n_candidates)
+    candidates = Candidates(
+        item=category * ITEMS_PER_CATEGORY + rng.integers(0, 50, n_candidates),
+        category=category,
+        modality=category % 5,
+    )
+    started = time.perf_counter()
+    scores = scorer.score(state, candidates, now_s=time.time())
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    print(f"top {top} of {n_candidates} candidates for {state.user_id} "
+          f"({state.event_count} events, scored in {elapsed_ms:.2f} ms):")
+    for rank, i in enumerate(np.argsort(-scores.ctr)[:top], 1):
+        print(f"  {rank:2d}. item {candidates.item[i]:>9d}  category {candidates.category[i]:>3d}  "
+              f"score {scores.ctr[i]:.4f}")
+
+
+def run_demo(settings: Settings, spec: DemoSpec, timeout_s: float) -> int:
+    from vql.model.config import ModelConfig
+    from vql.model.encoder import VQLModel
+    from vql.schemas.user_state import decode_user_state
+
+    run = time.strftime("%Y%m%d-%H%M%S")
+    settings = settings.model_copy(update={
+        "behaviors_topic": f"demo-{run}.behaviors",
+        "states_topic": f"demo-{run}.user-states",
+        "dlq_topic": f"demo-{run}.behaviors.dlq",
+        "app_id": f"vql-demo-{run}",
+        "data_dir": settings.data_dir / "demo" / run,
+    })
+    if not settings.model_path.exists():
+        version = VQLModel(ModelConfig()).save(settings.model_path)
+        print(f"created model {version} at {settings.model_path} (random init: `vql train` comes later)")
+    ensure_topics(settings)
+    log_path = settings.data_dir / "worker.log"
+    worker = start_worker(settings, log_path)
+    print(f"worker started (pid {worker.pid}, log {log_path}), topics demo-{run}.*")
+    try:
+        started = time.monotonic()
+        produced, raw_bytes = produce_demo_events(settings, spec)
+        states: dict[bytes, bytes] = {}
+        with tqdm(total=produced, desc="events in published states", unit="ev") as bar:
+            while time.monotonic() - started < timeout_s:
+                if worker.poll() is not None:
+                    print(f"the worker exited with code {worker.returncode}; see {log_path}", file=sys.stderr)
+                    return 1
+                states = read_states(settings)
+                done = applied_events(states)
+                bar.update(done - bar.n)
+                if done >= produced:
+                    break
+                time.sleep(1.0)
+        elapsed = time.monotonic() - started
+        done = applied_events(states)
+        decoded = {k.decode(): decode_user_state(v) for k, v in states.items()}
+        sizes = np.array([len(v) for v in states.values()])
+        heavy = user_id(0)
+        print()
+        print(f"events produced          {produced:,}")
+        print(f"events in user states    {done:,}  ({done / elapsed:,.0f} events/s end to end, {elapsed:.1f} s)")
+        print(f"users with states        {len(states):,} of {spec.users:,}")
+        print(f"state bytes per user     mean {sizes.mean():,.0f}, max {sizes.max():,} (float32, G*K*R cells at most)")
+        if heavy in decoded:
+            print(f"heaviest user {heavy}: {decoded[heavy].event_count:,} events, raw history "
+                  f"{raw_bytes[heavy]:,} bytes of JSON -> state {len(states[heavy.encode()]):,} bytes")
+            print()
+            print_top_candidates(settings, states[heavy.encode()], 1000, 10)
+        return 0 if done >= produced else 1
+    finally:
+        code = stop_worker(worker)
+        print(f"worker stopped (exit code {code})")

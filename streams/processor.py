@@ -1,0 +1,169 @@
+"""One micro-batch of raw records -> updated, persisted user states and dead letters.
+
+The Faust agent (streams/app.py) only moves records in and out of Kafka; everything between
+lives here, so that it can be tested without a broker and shared with replay:
+decode (schemas/) -> encode (model/, torch) -> fold into states (model/state.py) ->
+one WriteBatch per partition (streams/state_store.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vql.model.encoder import VQLModel
+from vql.model.features import BehaviorColumns
+from vql.model.state import apply_events, empty_state
+from vql.schemas.decode import EventPolicy, Rejection, decode_event
+from vql.schemas.events import BehaviorEvent
+from vql.schemas.user_state import UserState
+from vql.streams.state_store import PartitionStore, partition_store_path
+
+
+@dataclass(frozen=True)
+class RawRecord:
+    """A consumed Kafka record, as the processor needs it."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    record: RawRecord
+    rejection: Rejection
+
+
+@dataclass
+class BatchResult:
+    """What a batch changed: states to publish, records to dead-letter, writes to commit."""
+
+    states: list[UserState] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    writes: list[tuple[int, list[UserState], int]] = field(default_factory=list)
+    applied: int = 0
+    duplicates: int = 0
+    encode_s: float = 0.0
+    store_s: float = 0.0
+
+
+class BatchProcessor:
+    """Applies micro-batches of one topic's records to per-partition stores."""
+
+    def __init__(
+        self,
+        model: VQLModel,
+        model_version: str,
+        data_dir: Path,
+        topic: str,
+        policy: EventPolicy,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.model = model
+        self.model_version = model_version
+        self.data_dir = data_dir
+        self.topic = topic
+        self.policy = policy
+        self.clock_ms = clock_ms
+        cfg = model.config
+        self._shape = (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)
+        self._decay = np.asarray(cfg.decay_rates)
+        self._stores: dict[int, PartitionStore] = {}
+
+    # -- partitions -------------------------------------------------------------------------
+
+    def store(self, partition: int) -> PartitionStore:
+        """The partition's store, opened on first use."""
+        store = self._stores.get(partition)
+        if store is None:
+            path = partition_store_path(self.data_dir, self.model_version, self.topic, partition)
+            store = self._stores[partition] = PartitionStore(path, self.model_version)
+        return store
+
+    def release(self, partitions: Sequence[int]) -> None:
+        """Close the stores of partitions this worker no longer owns."""
+        for partition in partitions:
+            store = self._stores.pop(partition, None)
+            if store is not None:
+                store.close()
+
+    def close(self) -> None:
+        self.release(list(self._stores))
+
+    # -- the batch --------------------------------------------------------------------------
+
+    def process(self, records: Sequence[RawRecord]) -> BatchResult:
+        """Decode, encode and apply ``records``; nothing is durable until :meth:`commit`."""
+        result = BatchResult()
+        now_ms = self.clock_ms()
+        events: list[BehaviorEvent] = []
+        kept: list[RawRecord] = []
+        for record in records:
+            decoded = decode_event(record.value, record.key, now_ms, self.policy)
+            if isinstance(decoded, Rejection):
+                result.dead_letters.append(DeadLetter(record, decoded))
+            else:
+                events.append(decoded)
+                kept.append(record)
+
+        started = time.perf_counter()
+        columns = BehaviorColumns.from_events(events)
+        codes, values = self.model.encode(columns) if events else (None, None)
+        result.encode_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        last_offset: dict[int, int] = {}
+        for record in records:
+            last_offset[record.partition] = max(last_offset.get(record.partition, -1), record.offset)
+        by_partition: dict[int, list[int]] = {}
+        for i, record in enumerate(kept):
+            by_partition.setdefault(record.partition, []).append(i)
+        for partition, offset in sorted(last_offset.items()):
+            rows = np.asarray(by_partition.get(partition, []), dtype=np.int64)
+            changed = self._apply_partition(partition, rows, events, kept, columns, codes, values, result)
+            result.writes.append((partition, changed, offset))
+            result.states.extend(changed)
+        result.store_s = time.perf_counter() - started
+        return result
+
+    def commit(self, result: BatchResult) -> None:
+        """Persist a processed batch: states and processed offset, one WriteBatch a partition."""
+        started = time.perf_counter()
+        for partition, states, offset in result.writes:
+            self.store(partition).write(states, offset)
+        result.store_s += time.perf_counter() - started
+
+    def _apply_partition(
+        self,
+        partition: int,
+        rows: np.ndarray,
+        events: list[BehaviorEvent],
+        kept: list[RawRecord],
+        columns: BehaviorColumns,
+        codes: np.ndarray | None,
+        values: np.ndarray | None,
+        result: BatchResult,
+    ) -> list[UserState]:
+        if rows.size == 0:
+            return []
+        user_ids = [events[i].user_id for i in rows]
+        users = sorted(set(user_ids))
+        slot = {u: i for i, u in enumerate(users)}
+        stored = self.store(partition).load(users)
+        states = [s or empty_state(u, self.model_version, self._shape) for u, s in zip(users, stored)]
+        owner = np.fromiter((slot[u] for u in user_ids), np.int64, rows.size)
+        offsets = np.fromiter((kept[i].offset for i in rows), np.int64, rows.size)
+        applied = apply_events(
+            states, owner, codes[rows], values[rows].astype(np.float64), columns.time_s[rows],
+            self._decay, offsets,
+        )
+        result.applied += int(applied.sum())
+        result.duplicates += int((~applied).sum())
+        changed = np.unique(owner[applied])
+        return [states[i] for i in changed]

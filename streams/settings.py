@@ -1,0 +1,51 @@
+"""Typed settings of the worker and the tools, read from the environment (prefix VQL_).
+
+Every default runs against the local broker of deploy/kafka/broker.sh. docs/configuration.md
+lists them; `vql worker --help` names the most used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vql.schemas.decode import EventPolicy
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VQL_", extra="ignore")
+
+    kafka_bootstrap: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("VQL_KAFKA_BOOTSTRAP", "KAFKA_BOOTSTRAP"),
+        description="host:port[,host:port] of the Kafka brokers",
+    )
+    data_dir: Path = Field(Path(".vql"), description="RocksDB stores and the worker's Faust data")
+    model_path: Path = Field(Path(".vql/model.npz"), description="the model artifact to encode with")
+    app_id: str = Field("vql-stream", description="Faust app id = Kafka consumer group")
+
+    behaviors_topic: str = "behaviors"
+    states_topic: str = "user-states"
+    dlq_topic: str = "behaviors.dlq"
+    partitions: int = Field(4, ge=1, description="partitions of the topics the app creates")
+    replication: int = Field(1, ge=1, description="replication factor of the topics it creates")
+
+    batch_size: int = Field(2048, ge=1, description="events per micro-batch, at most")
+    batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
+    device: str = Field("auto", description="torch device for encoding: auto, cpu or cuda")
+
+    web_port: int = Field(6066, ge=0, le=65535, description="the worker's HTTP port (/metrics, /health)")
+    web_host: str = "127.0.0.1"
+
+    max_event_bytes: int = Field(64 * 1024, ge=256)
+    max_future_skew_s: float = Field(3600.0, ge=0, description="reject events further ahead than this")
+    min_event_time_ms: int = Field(946_684_800_000, ge=0, description="reject events before this")
+
+    def event_policy(self) -> EventPolicy:
+        return EventPolicy(
+            max_event_bytes=self.max_event_bytes,
+            max_future_skew_ms=int(self.max_future_skew_s * 1000),
+            min_event_time_ms=self.min_event_time_ms,
+        )

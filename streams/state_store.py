@@ -1,0 +1,94 @@
+"""Per-partition RocksDB stores of user states (rocksdict), the worker's only state.
+
+One RocksDB per input partition, as in Kafka Streams and Quix Streams: a user's state lives
+with the partition its events arrive on. A micro-batch's states and the partition's processed
+offset go in one WriteBatch, so after a crash the store is either before or after a batch,
+never in between; the stream code talks to this object and never to RocksDB.
+
+Each store is stamped with the model version on creation. Codes of one model mean nothing to
+another, so opening a store with a different model is refused, never silently mixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from rocksdict import Options, Rdict, WriteBatch
+
+from vql.schemas.user_state import StateFormatError, UserState, decode_user_state, encode_user_state
+
+_META = b"\x00meta/"
+_MODEL_KEY = _META + b"model_version"
+_OFFSET_KEY = _META + b"processed_offset"
+_USER = b"u/"
+
+
+class StoreError(RuntimeError):
+    """The store on disk cannot be used by this worker; the message says why and what to do."""
+
+
+class PartitionStore:
+    """User states of one input partition, plus the offset processed up to."""
+
+    def __init__(self, path: Path, model_version: str) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        try:
+            self._db = Rdict(str(path), options)
+        except Exception as exc:  # rocksdict raises plain Exception for I/O and corruption
+            raise StoreError(f"cannot open the RocksDB store at {path}: {exc}") from exc
+        stamp = self._db.get(_MODEL_KEY)
+        if stamp is None:
+            if next(iter(self._db.keys()), None) is not None:
+                self._db.close()
+                raise StoreError(f"{path} holds data but no model stamp: not a vql-stream store")
+            self._db[_MODEL_KEY] = model_version.encode()
+        elif stamp.decode() != model_version:
+            self._db.close()
+            raise StoreError(
+                f"{path} was built with model {stamp.decode()}, the worker loads {model_version}: "
+                "replay into a new store for a new model (docs/operations.md)"
+            )
+
+    def load(self, user_ids: Sequence[str]) -> list[UserState | None]:
+        """The stored states of these users (None for a user never seen)."""
+        raw = self._db.get([_USER + u.encode() for u in user_ids])
+        try:
+            return [None if blob is None else decode_user_state(blob) for blob in raw]
+        except StateFormatError as exc:
+            raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
+
+    def write(self, states: Sequence[UserState], processed_offset: int) -> None:
+        """Persist states and the partition's processed offset atomically (one WriteBatch)."""
+        batch = WriteBatch(raw_mode=True)
+        for state in states:
+            batch.put(_USER + state.user_id.encode(), encode_user_state(state, np.float64))
+        batch.put(_OFFSET_KEY, str(processed_offset).encode())
+        self._db.write(batch)
+
+    def processed_offset(self) -> int | None:
+        """The last input offset whose batch was written, or None for a new store."""
+        raw = self._db.get(_OFFSET_KEY)
+        return None if raw is None else int(raw)
+
+    def states(self) -> Iterator[UserState]:
+        """Every stored state (for verification and export)."""
+        for key, blob in self._db.items(from_key=_USER):
+            if not key.startswith(_USER):
+                break
+            yield decode_user_state(blob)
+
+    def approximate_keys(self) -> int:
+        return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def partition_store_path(data_dir: Path, model_version: str, topic: str, partition: int) -> Path:
+    """Where a partition's store lives: versioned, so that a new model starts a new store."""
+    return data_dir / "stores" / model_version / f"{topic}-{partition}"

@@ -1,0 +1,116 @@
+"""Kafka admin and plain-client helpers (kafka-python) shared by the CLI, demo and tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from vql.streams.settings import Settings
+
+
+class BrokerUnavailable(RuntimeError):
+    """No Kafka broker answered at the configured address."""
+
+
+def admin(bootstrap: str) -> KafkaAdminClient:
+    try:
+        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vql-admin", request_timeout_ms=15000)
+    except KafkaError as exc:
+        raise BrokerUnavailable(
+            f"no Kafka broker answers at {bootstrap} (start one: bash deploy/kafka/broker.sh start)"
+        ) from exc
+
+
+def ensure_topics(settings: Settings) -> None:
+    """Create the pipeline's topics with explicit partitions and cleanup policies if missing."""
+    wanted = {
+        settings.behaviors_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
+        settings.states_topic: {"cleanup.policy": "compact"},
+        settings.dlq_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
+    }
+    client = admin(settings.kafka_bootstrap)
+    try:
+        existing = set(client.list_topics())
+        new = [
+            NewTopic(name, settings.partitions, settings.replication, topic_configs=config)
+            for name, config in wanted.items()
+            if name not in existing
+        ]
+        if new:
+            try:
+                client.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        client.close()
+
+
+def producer(bootstrap: str) -> KafkaProducer:
+    """A producer tuned for throughput with acks from all in-sync replicas."""
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        linger_ms=20,
+        batch_size=256 * 1024,
+        compression_type=None,
+        max_request_size=16 * 1024 * 1024,
+    )
+
+
+def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0) -> Iterator[tuple[int, int, bytes | None, bytes | None, tuple]]:
+    """Every record now in ``topic`` as (partition, offset, key, value, headers), then stop."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=int(idle_s * 1000),
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+        fetch_max_bytes=64 * 1024 * 1024,
+    )
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not partitions:
+            return
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        remaining = {tp for tp in partitions if end[tp] > 0}
+        while remaining:
+            batch = consumer.poll(timeout_ms=int(idle_s * 1000), max_records=10000)
+            if not batch:
+                break
+            for tp, messages in batch.items():
+                for m in messages:
+                    if m.offset < end[tp]:
+                        yield tp.partition, m.offset, m.key, m.value, tuple(m.headers or ())
+                if consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+    finally:
+        consumer.close()
+
+
+def latest_by_key(records: Iterable[tuple[int, int, bytes | None, bytes | None, tuple]]) -> dict[bytes, bytes]:
+    """The compacted view of a topic: the last value of every key (tombstones remove it)."""
+    view: dict[bytes, bytes] = {}
+    for _partition, _offset, key, value, _headers in records:
+        if key is None:
+            continue
+        if value is None:
+            view.pop(key, None)
+        else:
+            view[key] = value
+    return view
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:
+    """Poll ``predicate`` until it is true or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

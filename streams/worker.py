@@ -1,0 +1,50 @@
+"""Start a worker: settings -> model artifact -> stores -> Faust app, with readable failures."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import faust
+
+from vql.model.artifact import ArtifactError
+from vql.streams.app import create_app
+from vql.streams.processor import BatchProcessor
+from vql.streams.settings import Settings
+from vql.streams.state_store import StoreError
+
+log = logging.getLogger("vql.worker")
+
+
+def load_processor(settings: Settings) -> BatchProcessor:
+    """The model on its device and the processor around it; raises ArtifactError."""
+    import torch
+
+    from vql.model.encoder import VQLModel, default_device
+
+    device = default_device() if settings.device == "auto" else torch.device(settings.device)
+    model, version = VQLModel.load(settings.model_path, device)
+    log.info("model %s loaded from %s on %s", version, settings.model_path, device)
+    return BatchProcessor(
+        model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy()
+    )
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        processor = load_processor(settings)
+    except ArtifactError as exc:
+        print(f"vql worker: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(settings, processor)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    except StoreError as exc:
+        print(f"vql worker: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
