@@ -1,0 +1,1 @@
+"""Benchmarks. Each prints one JSON object per figure on stdout (see bench/README.md)."""

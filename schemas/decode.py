@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-import orjson
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from vql.schemas.events import SCHEMA_VERSION, BehaviorEvent
 
@@ -75,11 +75,14 @@ def _classify(raw: bytes, exc: ValidationError) -> Rejection:
     errors = exc.errors(include_url=False, include_input=False)
     if any(e["type"] == "json_invalid" for e in errors):
         return Rejection(Reason.NOT_JSON, errors[0]["msg"][:200])
+    # Read the version with the parser that validated the event (jiter), so that whatever it
+    # accepted (NaN tokens, integers beyond 64 bits) cannot hide a version number here.
     try:
-        version = orjson.loads(raw).get("schema_version", SCHEMA_VERSION)
-    except (orjson.JSONDecodeError, AttributeError):
+        version = from_json(raw).get("schema_version", SCHEMA_VERSION)
+    except (ValueError, AttributeError):
         version = SCHEMA_VERSION
-    if isinstance(version, int) and version != SCHEMA_VERSION:
+    # bool is an int subclass in Python, but `false` is a type error, not a version.
+    if type(version) is int and version != SCHEMA_VERSION:
         return _unknown_version(version)
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"]) or "<root>"

@@ -137,7 +137,11 @@ def decode_user_state(data: bytes | memoryview) -> UserState:
             f"state body is {len(view)} bytes, expected {expected} for {n_cells} cells"
         )
     offset = HEADER_BYTES
-    user_id = bytes(view[offset : offset + user_len]).decode("utf-8")
+    try:
+        user_id = bytes(view[offset : offset + user_len]).decode("utf-8")
+        model_version = version.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise StateFormatError(f"user id or model version is not text: {exc}") from exc
     offset += user_len
     cells = np.frombuffer(view, dtype="<u2", count=n_cells, offset=offset)
     offset += 2 * n_cells
@@ -152,7 +156,7 @@ def decode_user_state(data: bytes | memoryview) -> UserState:
     mean[cells] = mean_values.reshape(n_cells, dim)
     return UserState(
         user_id=user_id,
-        model_version=version.decode("ascii"),
+        model_version=model_version,
         landmark_t0=landmark_t0,
         last_event_time=last_event_time,
         event_count=event_count,

@@ -50,12 +50,15 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         store="memory://",
         datadir=str(settings.data_dir / "faust"),
         web_enabled=settings.web_port > 0,
-        web_port=settings.web_port,
+        web_port=settings.web_port or 6066,  # Faust validates it even when the web is off
         web_bind=settings.web_host,
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+        broker_commit_interval=settings.commit_interval_s,
     )
     behaviors = app.topic(
         settings.behaviors_topic,

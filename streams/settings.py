@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, description="partitions of the topics the app creates")
     replication: int = Field(1, ge=1, description="replication factor of the topics it creates")
 
+    session_timeout_s: float = Field(
+        10.0, gt=0, description="consumer group session timeout: how soon a dead worker's partitions move"
+    )
+    commit_interval_s: float = Field(1.0, gt=0, description="how often acked input offsets are committed")
+
     batch_size: int = Field(2048, ge=1, description="events per micro-batch, at most")
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
     device: str = Field("auto", description="torch device for encoding: auto, cpu or cuda")

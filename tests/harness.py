@@ -1,0 +1,193 @@
+"""Runs real workers against a real broker, and verifies what they published.
+
+The verifier recomputes every user's state offline from the `behaviors` topic with the same
+model and the same state math (vql.model.state), and compares it with what a worker
+published: the states themselves and the scores they give candidates.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+
+from vql.model.config import ModelConfig
+from vql.model.encoder import VQLModel
+from vql.model.features import BehaviorColumns, Candidates
+from vql.model.scoring import Scorer
+from vql.model.state import apply_events, empty_state
+from vql.schemas.decode import EventPolicy, Rejection, decode_event
+from vql.schemas.user_state import UserState, decode_user_state
+from vql.streams.demo import start_worker, stop_worker
+from vql.streams.settings import Settings
+from vql.streams.topics import ensure_topics, latest_by_key, read_topic
+
+TOLERANCE = 1e-5
+
+
+@dataclass
+class Pipeline:
+    """Topics, a model and a data dir of one test, with workers started on demand."""
+
+    settings: Settings
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, bootstrap: str, tmp_path: Path, partitions: int = 3) -> "Pipeline":
+        run = uuid.uuid4().hex[:8]
+        model_path = tmp_path / "model.npz"
+        VQLModel(ModelConfig()).save(model_path)
+        settings = Settings(
+            kafka_bootstrap=bootstrap,
+            data_dir=tmp_path / "data",
+            model_path=model_path,
+            app_id=f"vql-test-{run}",
+            behaviors_topic=f"test-{run}.behaviors",
+            states_topic=f"test-{run}.user-states",
+            dlq_topic=f"test-{run}.behaviors.dlq",
+            partitions=partitions,
+            web_port=0,
+            batch_size=500,
+            session_timeout_s=6.0,
+        )
+        ensure_topics(settings)
+        return cls(settings)
+
+    def start_worker(self) -> subprocess.Popen:
+        index = len(list(self.settings.data_dir.glob("worker-*.log")))
+        worker = start_worker(self.settings, self.settings.data_dir / f"worker-{index}.log")
+        self.workers.append(worker)
+        return worker
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            stop_worker(worker)
+        self.workers.clear()
+
+    def committed(self) -> int:
+        """Input records the consumer group has committed, over all partitions."""
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
+                                 group_id=self.settings.app_id, enable_auto_commit=False)
+        try:
+            parts = consumer.partitions_for_topic(self.settings.behaviors_topic) or set()
+            return sum(consumer.committed(TopicPartition(self.settings.behaviors_topic, p)) or 0 for p in parts)
+        finally:
+            consumer.close()
+
+    def wait_until_committed(self, total: int, timeout_s: float = 180.0, poll_s: float = 0.5) -> None:
+        """Until the group has committed ``total`` records; fails if a live worker dies."""
+        deadline = time.monotonic() + timeout_s
+        while self.committed() < total:
+            for worker in self.workers:
+                if worker.poll() not in (None, -9):  # -9: killed on purpose by a test
+                    raise AssertionError(f"a worker exited with {worker.returncode}\n{self.worker_logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"only {self.committed()} of {total} committed\n{self.worker_logs()}")
+            time.sleep(poll_s)
+
+    def batch_totals(self, log_index: int) -> dict[str, int]:
+        """Sums of the per-batch counts a worker logged: applied, duplicates, dead letters."""
+        totals = {"applied": 0, "duplicates": 0, "dead letters": 0}
+        text = (self.settings.data_dir / f"worker-{log_index}.log").read_text()
+        for line in text.splitlines():
+            if "batch:" in line:
+                for part in line.split("batch:")[1].split(","):
+                    number, _, name = part.strip().partition(" ")
+                    if name in totals:
+                        totals[name] += int(number)
+        return totals
+
+    def worker_logs(self) -> str:
+        logs = sorted(self.settings.data_dir.glob("worker-*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
+
+    def published(self) -> dict[str, UserState]:
+        view = latest_by_key(read_topic(self.settings.kafka_bootstrap, self.settings.states_topic, idle_s=1.0))
+        return {key.decode(): decode_user_state(value) for key, value in view.items()}
+
+
+@dataclass
+class Recomputed:
+    states: dict[str, UserState]
+    rejected: dict[tuple[int, int], Rejection]  # (partition, offset) -> why
+
+
+def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
+    """Every user's state rebuilt offline from the behaviors topic, in one batch."""
+    model, version = VQLModel.load(settings.model_path)
+    cfg = model.config
+    policy: EventPolicy = settings.event_policy()
+    now_ms = now_ms or int(time.time() * 1000)
+    events, rejected = [], {}
+    for partition, offset, key, value, _headers in read_topic(settings.kafka_bootstrap, settings.behaviors_topic):
+        decoded = decode_event(value, key, now_ms, policy)
+        if isinstance(decoded, Rejection):
+            rejected[(partition, offset)] = decoded
+        else:
+            events.append(decoded)
+    users = sorted({e.user_id for e in events})
+    slot = {u: i for i, u in enumerate(users)}
+    states = [empty_state(u, version, (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)) for u in users]
+    if events:
+        columns = BehaviorColumns.from_events(events)
+        codes, values = model.encode(columns)
+        owner = np.fromiter((slot[e.user_id] for e in events), np.int64, len(events))
+        apply_events(states, owner, codes, values.astype(np.float64), columns.time_s, np.asarray(cfg.decay_rates))
+    return Recomputed(states={s.user_id: s for s in states}, rejected=rejected)
+
+
+@dataclass
+class Comparison:
+    users_compared: int
+    users_missing: list[str]
+    users_unexpected: list[str]
+    users_differing: list[str]
+    events_expected: int
+    events_published: int
+    max_score_diff: float
+
+    @property
+    def ok(self) -> bool:
+        return not (self.users_missing or self.users_unexpected or self.users_differing)
+
+    def summary(self) -> str:
+        return (f"users compared {self.users_compared}, missing {len(self.users_missing)}, "
+                f"unexpected {len(self.users_unexpected)}, differing {len(self.users_differing)}; "
+                f"events expected {self.events_expected}, in states {self.events_published} "
+                f"(lost {max(0, self.events_expected - self.events_published)}, "
+                f"doubled {max(0, self.events_published - self.events_expected)}); "
+                f"max score diff {self.max_score_diff:.2e}")
+
+
+def compare(settings: Settings, published: dict[str, UserState], expected: dict[str, UserState],
+            candidates: int = 64) -> Comparison:
+    """Published vs recomputed: event counts, landmarks, and scores of random candidates."""
+    scorer = Scorer.from_path(settings.model_path)
+    rng = np.random.default_rng(0)
+    cands = Candidates(item=rng.integers(0, 2_000_000, candidates), category=rng.integers(0, 200, candidates),
+                       modality=rng.integers(0, 5, candidates))
+    differing, worst = [], 0.0
+    for user in sorted(set(published) & set(expected)):
+        got, want = published[user], expected[user]
+        now = max(got.last_event_time, want.last_event_time) + 3600.0
+        a, b = scorer.score(got, cands, now), scorer.score(want, cands, now)
+        diff = max(np.abs(a.interest - b.interest).max(), np.abs(a.ctr - b.ctr).max())
+        worst = max(worst, float(diff))
+        same_cells = np.array_equal(np.isfinite(got.log_count), np.isfinite(want.log_count))
+        if got.event_count != want.event_count or got.landmark_t0 != want.landmark_t0 or not same_cells \
+                or diff > TOLERANCE:
+            differing.append(user)
+    return Comparison(
+        users_compared=len(set(published) & set(expected)),
+        users_missing=sorted(set(expected) - set(published)),
+        users_unexpected=sorted(set(published) - set(expected)),
+        users_differing=differing,
+        events_expected=sum(s.event_count for s in expected.values()),
+        events_published=sum(s.event_count for s in published.values()),
+        max_score_diff=worst,
+    )
