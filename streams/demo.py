@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vql.streams.demo_events import ITEMS_PER_CATEGORY, DemoSpec, generate, history_lengths, user_id
 from vql.streams.settings import Settings
-from vql.streams.topics import ensure_topics, latest_by_key, producer, read_topic
+from vql.streams.topics import CompactedView, ensure_topics, latest_by_key, producer, read_topic
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -70,12 +70,6 @@ def read_states(settings: Settings) -> dict[bytes, bytes]:
     return latest_by_key(read_topic(settings.kafka_bootstrap, settings.states_topic, idle_s=1.0))
 
 
-def applied_events(states: dict[bytes, bytes]) -> int:
-    from vql.schemas.user_state import decode_user_state
-
-    return sum(decode_user_state(blob).event_count for blob in states.values())
-
-
 def print_top_candidates(settings: Settings, blob: bytes, n_candidates: int, top: int) -> None:
     from vql.model.features import Candidates
     from vql.model.scoring import Scorer
@@ -123,20 +117,20 @@ def run_demo(settings: Settings, spec: DemoSpec, timeout_s: float) -> int:
     try:
         started = time.monotonic()
         produced, raw_bytes = produce_demo_events(settings, spec)
-        states: dict[bytes, bytes] = {}
+        view = CompactedView(settings.kafka_bootstrap, settings.states_topic)
+        counts: dict[bytes, int] = {}
         with tqdm(total=produced, desc="events in published states", unit="ev") as bar:
-            while time.monotonic() - started < timeout_s:
+            while time.monotonic() - started < timeout_s and sum(counts.values()) < produced:
                 if worker.poll() is not None:
                     print(f"the worker exited with code {worker.returncode}; see {log_path}", file=sys.stderr)
                     return 1
-                states = read_states(settings)
-                done = applied_events(states)
-                bar.update(done - bar.n)
-                if done >= produced:
-                    break
-                time.sleep(1.0)
+                for key in view.refresh():
+                    counts[key] = decode_user_state(view.values[key]).event_count
+                bar.update(sum(counts.values()) - bar.n)
         elapsed = time.monotonic() - started
-        done = applied_events(states)
+        view.close()
+        states = view.values
+        done = sum(counts.values())
         decoded = {k.decode(): decode_user_state(v) for k, v in states.items()}
         sizes = np.array([len(v) for v in states.values()])
         heavy = user_id(0)

@@ -44,13 +44,17 @@ class DeadLetter:
 class BatchResult:
     """What a batch changed: states to publish, records to dead-letter, writes to commit."""
 
-    states: list[UserState] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: list[tuple[int, list[UserState], int]] = field(default_factory=list)
     applied: int = 0
     duplicates: int = 0
     encode_s: float = 0.0
     store_s: float = 0.0
+
+    @property
+    def states(self) -> list[UserState]:
+        """Every state the batch changed, over all partitions."""
+        return [state for _partition, states, _offset in self.writes for state in states]
 
 
 class BatchProcessor:
@@ -128,7 +132,6 @@ class BatchProcessor:
             rows = np.asarray(by_partition.get(partition, []), dtype=np.int64)
             changed = self._apply_partition(partition, rows, events, kept, columns, codes, values, result)
             result.writes.append((partition, changed, offset))
-            result.states.extend(changed)
         result.store_s = time.perf_counter() - started
         return result
 

@@ -93,6 +93,40 @@ def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0) -> Iterator[tupl
         consumer.close()
 
 
+class CompactedView:
+    """A live local view of a compacted topic: the latest value of every key, kept current
+    by :meth:`refresh`, which reads only what arrived since the last call."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.values: dict[bytes, bytes] = {}
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        partitions = self._consumer.partitions_for_topic(topic) or set()
+        self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+
+    def refresh(self, timeout_s: float = 1.0) -> list[bytes]:
+        """Read what is new; return the keys that changed."""
+        changed = []
+        for _tp, messages in self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=50_000).items():
+            for m in messages:
+                if m.key is None:
+                    continue
+                if m.value is None:
+                    self.values.pop(m.key, None)
+                else:
+                    self.values[m.key] = m.value
+                changed.append(m.key)
+        return changed
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def latest_by_key(records: Iterable[tuple[int, int, bytes | None, bytes | None, tuple]]) -> dict[bytes, bytes]:
     """The compacted view of a topic: the last value of every key (tombstones remove it)."""
     view: dict[bytes, bytes] = {}
