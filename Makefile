@@ -8,7 +8,7 @@ demo:
 
 test:
 	bash deploy/kafka/broker.sh start
-	scripts/dev-env python -m pytest -ra
+	scripts/dev-env python -m pytest -v -rfEsP
 
 broker-stop:
 	bash deploy/kafka/broker.sh stop

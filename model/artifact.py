@@ -71,6 +71,8 @@ def load_artifact(path: str | Path) -> Artifact:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"model artifact {path} does not exist (create one: vql model init)")
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path} is not a VQL model artifact (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from vql.streams.settings import Settings
 
 
@@ -132,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()
-    except ValueError as exc:
-        print(f"vql: bad settings in the environment: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            variable = "VQL_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"vql: bad setting {variable}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
         return 2
     return args.handler(args, settings)
 

@@ -25,8 +25,14 @@ def admin(bootstrap: str) -> KafkaAdminClient:
         ) from exc
 
 
+class TopicLayoutError(RuntimeError):
+    """Existing topics do not have the layout the pipeline needs."""
+
+
 def ensure_topics(settings: Settings) -> None:
-    """Create the pipeline's topics with explicit partitions and cleanup policies if missing."""
+    """Create the pipeline's topics with explicit partitions and cleanup policies if missing,
+    and check that input and states are co-partitioned (a user's state is published to the
+    partition its events come from)."""
     wanted = {
         settings.behaviors_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
         settings.states_topic: {"cleanup.policy": "compact"},
@@ -45,8 +51,15 @@ def ensure_topics(settings: Settings) -> None:
                 client.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
+        described = {t["topic"]: len(t["partitions"]) for t in client.describe_topics(list(wanted))}
     finally:
         client.close()
+    inputs, states = described.get(settings.behaviors_topic), described.get(settings.states_topic)
+    if inputs != states:
+        raise TopicLayoutError(
+            f"{settings.behaviors_topic} has {inputs} partitions but {settings.states_topic} has {states}: "
+            "states are co-partitioned with their events, so the counts must be equal"
+        )
 
 
 def producer(bootstrap: str) -> KafkaProducer:

@@ -12,6 +12,7 @@ from vql.streams.app import create_app
 from vql.streams.processor import BatchProcessor
 from vql.streams.settings import Settings
 from vql.streams.state_store import StoreError
+from vql.streams.topics import BrokerUnavailable, TopicLayoutError, ensure_topics
 
 log = logging.getLogger("vql.worker")
 
@@ -37,6 +38,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
         processor = load_processor(settings)
     except ArtifactError as exc:
         print(f"vql worker: cannot load the model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ensure_topics(settings)
+    except (BrokerUnavailable, TopicLayoutError) as exc:
+        print(f"vql worker: {exc}", file=sys.stderr)
         return 2
     app = create_app(settings, processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)

@@ -58,6 +58,7 @@ def rewind_group(pipeline: Pipeline) -> None:
 
 def test_published_states_equal_offline_recomputation(kafka_bootstrap, tmp_path):
     pipeline = Pipeline.create(kafka_bootstrap, tmp_path)
+    print(f"real Kafka broker at {kafka_bootstrap}, topics {pipeline.settings.behaviors_topic} ...")
     spec = DemoSpec(users=400, mean_events=15, heavy_users=2, heavy_events=2500, seed=11)
     records = list(generate(spec, now_ms=int(time.time() * 1000)))
     half = len(records) // 2

@@ -1,0 +1,39 @@
+"""Every `vql` subcommand answers --help, and readable errors replace tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from vql.streams.cli import build_parser, main
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths += command_paths(sub, prefix + (name,))
+    return paths
+
+
+@pytest.mark.parametrize("path", command_paths(build_parser()), ids=" ".join)
+def test_every_command_has_help(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: vql" in capsys.readouterr().out
+
+
+def test_model_init_refuses_to_overwrite(tmp_path, capsys):
+    target = tmp_path / "m.npz"
+    assert main(["model", "init", "--out", str(target)]) == 0
+    assert main(["model", "init", "--out", str(target)]) == 1
+    assert "--force" in capsys.readouterr().err
+
+
+def test_a_bad_setting_is_reported_not_raised(monkeypatch, capsys):
+    monkeypatch.setenv("VQL_BATCH_SIZE", "many")
+    assert main(["model", "init", "--out", "/nonexistent/x.npz"]) == 2
+    assert "bad setting VQL_BATCH_SIZE='many'" in capsys.readouterr().err

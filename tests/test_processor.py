@@ -1,0 +1,88 @@
+"""The batch processor without Kafka: dead letters, duplicates, stores and model stamps."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from vql.model.config import ModelConfig
+from vql.model.encoder import VQLModel
+from vql.schemas.decode import EventPolicy, Reason
+from vql.streams.processor import BatchProcessor, RawRecord
+from vql.streams.state_store import PartitionStore, StoreError, partition_store_path
+
+NOW_MS = 1_795_000_000_000
+
+
+def event(user: str, item: int, minutes_ago: int) -> bytes:
+    return orjson.dumps({"event_id": f"{user}-{item}-{minutes_ago}", "user_id": user, "item_id": item,
+                         "action": "click", "event_time_ms": NOW_MS - minutes_ago * 60_000,
+                         "context": {"category": item % 7, "modality": "video"}})
+
+
+@pytest.fixture
+def processor(tmp_path):
+    model = VQLModel(ModelConfig(item_buckets=256, category_buckets=16))
+    proc = BatchProcessor(model, "v" * 16, tmp_path, "behaviors", EventPolicy(), clock_ms=lambda: NOW_MS)
+    yield proc
+    proc.close()
+
+
+def records(partition: int, start: int, values: list[tuple[bytes | None, bytes | None]]) -> list[RawRecord]:
+    return [RawRecord(partition, start + i, key, value) for i, (key, value) in enumerate(values)]
+
+
+def test_bad_records_become_dead_letters_and_good_ones_apply(processor):
+    batch = records(0, 0, [(b"a", event("a", 1, 5)), (b"a", b"{oops"), (b"b", event("b", 2, 1)),
+                           (b"a", event("b", 3, 1)), (b"a", event("a", 4, 60))])
+    result = processor.process(batch)
+    assert [d.rejection.reason for d in result.dead_letters] == [Reason.NOT_JSON, Reason.KEY_MISMATCH]
+    assert [d.record.offset for d in result.dead_letters] == [1, 3]
+    assert result.applied == 3 and {s.user_id: s.event_count for s in result.states} == {"a": 2, "b": 1}
+
+
+def test_nothing_is_durable_until_commit(processor):
+    processor.process(records(0, 0, [(b"a", event("a", 1, 5))]))
+    assert processor.store(0).load(["a"]) == [None] and processor.store(0).processed_offset() is None
+    result = processor.process(records(0, 0, [(b"a", event("a", 1, 5))]))
+    processor.commit(result)
+    [stored] = processor.store(0).load(["a"])
+    assert stored.event_count == 1 and stored.applied_offset == 0
+    assert processor.store(0).processed_offset() == 0
+
+
+def test_a_redelivered_batch_is_skipped(processor):
+    batch = records(2, 10, [(b"a", event("a", i, i)) for i in range(20)])
+    processor.commit(processor.process(batch))
+    again = processor.process(batch[5:] + records(2, 30, [(b"a", event("a", 99, 0))]))
+    assert again.duplicates == 15 and again.applied == 1
+    assert again.states[0].event_count == 21 and again.states[0].applied_offset == 30
+
+
+def test_partitions_have_separate_stores(processor):
+    processor.commit(processor.process(records(0, 0, [(b"a", event("a", 1, 1))]) +
+                                       records(1, 0, [(b"b", event("b", 1, 1))])))
+    assert processor.store(0).load(["a", "b"])[1] is None
+    assert processor.store(1).load(["b"])[0].event_count == 1
+
+
+def test_a_store_of_another_model_is_refused(tmp_path):
+    path = partition_store_path(tmp_path, "a" * 16, "behaviors", 0)
+    PartitionStore(path, "a" * 16).close()
+    with pytest.raises(StoreError, match="built with model"):
+        PartitionStore(path, "b" * 16)
+
+
+def test_a_foreign_rocksdb_is_refused(tmp_path):
+    from rocksdict import Options, Rdict
+
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    foreign = Rdict(str(tmp_path / "db"), options)
+    foreign[b"someone"] = b"else"
+    foreign.close()
+    with pytest.raises(StoreError, match="not a vql-stream store"):
+        PartitionStore(tmp_path / "db", "a" * 16)
