@@ -70,6 +70,13 @@ def _bench_encode(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bench_state_size(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.state_size import run
+
+    run(lengths=args.lengths)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vql",
@@ -121,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     encode.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if present)")
     encode.set_defaults(handler=_bench_encode)
+    state_size = bench_commands.add_parser("state-size", help="state bytes per user against history length",
+                                           description="Measure the published state's size for histories of L events.")
+    state_size.add_argument("--lengths", type=int, nargs="+", default=[10, 100, 1_000, 10_000, 100_000, 1_000_000])
+    state_size.set_defaults(handler=_bench_state_size)
     return parser
 
 

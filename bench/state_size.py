@@ -1,0 +1,47 @@
+"""`vql bench state-size`: published state bytes per user against history length L.
+
+Builds one user's state from L random behaviors with the default model and reports the
+float32 layout's size, next to the raw history's size as JSON events for contrast.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import numpy as np
+
+from vql.bench.encode import sample_columns
+from vql.bench.report import emit
+from vql.model.config import ModelConfig
+from vql.model.encoder import VQLModel
+from vql.model.state import apply_events, empty_state
+from vql.schemas.user_state import encode_user_state
+from vql.streams.demo_events import DemoSpec, generate
+
+
+
+def mean_event_bytes(sample: int = 1000) -> float:
+    """Mean size of a demo event as compact JSON, the raw form of one behavior."""
+    spec = DemoSpec(users=100, mean_events=10, heavy_users=0)
+    sizes = [len(value) for _key, value in islice(generate(spec, now_ms=1_795_000_000_000), sample)]
+    return sum(sizes) / len(sizes)
+
+
+def run(lengths: list[int]) -> None:
+    config = ModelConfig()
+    model = VQLModel(config).eval()
+    rates = np.asarray(config.decay_rates)
+    user = "user-000000"
+    event_bytes = mean_event_bytes()
+    for length in lengths:
+        state = empty_state(user, "0" * 16, (config.groups, config.codes, config.rates, config.group_dim))
+        for start in range(0, length, 65536):
+            columns = sample_columns(min(65536, length - start), seed=start)
+            codes, values = model.encode(columns)
+            apply_events([state], np.zeros(len(columns), np.int64), codes, values.astype(np.float64),
+                         columns.time_s, rates)
+        size = len(encode_user_state(state, np.float32))
+        emit("state_size", "state_bytes", size, "B", L=length, cells=state.occupied_cells,
+             max_cells=config.groups * config.codes * config.rates, user_id_bytes=len(user))
+        emit("state_size", "raw_history_bytes", length * event_bytes, "B", L=length,
+             note="L x mean JSON size of demo events")
