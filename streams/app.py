@@ -61,36 +61,13 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         broker_commit_interval=settings.commit_interval_s,
     )
-    behaviors = app.topic(
-        settings.behaviors_topic,
-        partitions=settings.partitions,
-        replicas=settings.replication,
-        key_serializer="raw",
-        value_serializer="raw",
-        internal=True,
-    )
-    user_states = app.topic(
-        settings.states_topic,
-        partitions=settings.partitions,
-        replicas=settings.replication,
-        compacting=True,
-        key_serializer="raw",
-        value_serializer="raw",
-        internal=True,
-    )
-    dead_letters = app.topic(
-        settings.dlq_topic,
-        partitions=settings.partitions,
-        replicas=settings.replication,
-        key_serializer="raw",
-        value_serializer="raw",
-        internal=True,
-    )
+    # Topics are created (partitions, cleanup policies) by ensure_topics before the app
+    # starts; Faust only subscribes to the input, as raw bytes: decoding is ours, so that a
+    # bad record becomes a dead letter rather than a codec error inside Faust.
+    behaviors = app.topic(settings.behaviors_topic, key_serializer="raw", value_serializer="raw")
 
     @app.agent(behaviors, concurrency=1, supervisor_strategy=mode.CrashingSupervisor)
     async def apply_behaviors(stream: faust.StreamT) -> None:
-        await user_states.maybe_declare()
-        await dead_letters.maybe_declare()
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_s):
             records = [
                 RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)

@@ -51,7 +51,7 @@ def ensure_topics(settings: Settings) -> None:
                 client.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
-        described = {t["topic"]: len(t["partitions"]) for t in client.describe_topics(list(wanted))}
+        described = {t["name"]: len(t["partitions"]) for t in client.describe_topics(list(wanted))}
     finally:
         client.close()
     inputs, states = described.get(settings.behaviors_topic), described.get(settings.states_topic)

@@ -13,12 +13,12 @@ import time
 import orjson
 import pytest
 from kafka import TopicPartition
-from kafka.admin import KafkaAdminClient
+from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
 from kafka.structs import OffsetAndMetadata
 
 from harness import Pipeline, compare, recompute
 from vql.streams.demo_events import DemoSpec, generate
-from vql.streams.topics import producer, read_topic
+from vql.streams.topics import TopicLayoutError, ensure_topics, producer, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +102,21 @@ def test_published_states_equal_offline_recomputation(kafka_bootstrap, tmp_path)
         assert len(list(read_topic(kafka_bootstrap, pipeline.settings.dlq_topic))) == 2 * len(BAD_RECORDS)
     finally:
         pipeline.stop_all()
+
+
+def test_topics_are_created_with_their_layout_and_mismatches_refused(kafka_bootstrap, tmp_path):
+    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=2)
+    settings = pipeline.settings
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:
+        described = {t["name"]: t for t in admin.describe_topics(
+            [settings.behaviors_topic, settings.states_topic, settings.dlq_topic])}
+        configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, settings.states_topic)])
+        assert configs["topic"][settings.states_topic]["cleanup.policy"]["value"] == "compact"
+    finally:
+        admin.close()
+    assert {name: len(t["partitions"]) for name, t in described.items()} == {
+        settings.behaviors_topic: 2, settings.states_topic: 2, settings.dlq_topic: 2}
+    with pytest.raises(TopicLayoutError, match="co-partitioned"):
+        ensure_topics(settings.model_copy(update={"states_topic": settings.states_topic + ".other",
+                                                  "partitions": 3, "behaviors_topic": settings.behaviors_topic}))
