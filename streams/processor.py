@@ -103,12 +103,25 @@ class BatchProcessor:
     # -- the batch --------------------------------------------------------------------------
 
     def process(self, records: Sequence[RawRecord]) -> BatchResult:
-        """Decode, encode and apply ``records``; nothing is durable until :meth:`commit`."""
+        """Decode, encode and apply ``records``; nothing is durable until :meth:`commit`.
+
+        Two lines of defence against redelivery: records at or below the partition's
+        processed offset are skipped whole; an event at or below its user's applied offset is
+        skipped by the state math (for stores restored from elsewhere, issue 4).
+        """
         result = BatchResult()
         now_ms = self.clock_ms()
         events: list[BehaviorEvent] = []
         kept: list[RawRecord] = []
+        done = {p: self.store(p).processed_offset() for p in {r.partition for r in records}}
         for record in records:
+            floor = done[record.partition]
+            if floor is not None and record.offset <= floor:
+                # A whole batch at or below this offset was published and written: a
+                # redelivery after a crash or a rewind. Skip it before decoding, so that
+                # it neither counts twice nor dead-letters twice.
+                result.duplicates += 1
+                continue
             decoded = decode_event(record.value, record.key, now_ms, self.policy)
             if isinstance(decoded, Rejection):
                 result.dead_letters.append(DeadLetter(record, decoded))
@@ -122,9 +135,10 @@ class BatchProcessor:
         result.encode_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        last_offset: dict[int, int] = {}
+        # Never move a partition's processed offset backwards (a rewound or redelivered batch).
+        last_offset = {p: -1 if floor is None else floor for p, floor in done.items()}
         for record in records:
-            last_offset[record.partition] = max(last_offset.get(record.partition, -1), record.offset)
+            last_offset[record.partition] = max(last_offset[record.partition], record.offset)
         by_partition: dict[int, list[int]] = {}
         for i, record in enumerate(kept):
             by_partition.setdefault(record.partition, []).append(i)

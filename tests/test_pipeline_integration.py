@@ -81,13 +81,16 @@ def test_published_states_equal_offline_recomputation(kafka_bootstrap, tmp_path)
         assert result.ok, result.summary()
         assert result.max_score_diff <= 1e-5
 
-        # Every bad record is in the DLQ with a reason and its original bytes.
+        # Every bad record is in the DLQ with a reason and its original bytes. A crash between
+        # publishing a batch and writing it may dead-letter a record twice: readers
+        # deduplicate on the source coordinates (docs/events.md).
         dlq = list(read_topic(kafka_bootstrap, pipeline.settings.dlq_topic))
-        reasons = {(dict(h)["source_partition"], dict(h)["source_offset"]): dict(h)["reason"] for *_, h in dlq}
-        assert len(expected.rejected) == len(BAD_RECORDS)
+        letters = {(dict(h)["source_partition"], dict(h)["source_offset"]): (dict(h)["reason"], value)
+                   for _, _, _, value, h in dlq}
+        assert len(expected.rejected) == len(BAD_RECORDS) == len(letters)
         for (partition, offset), rejection in expected.rejected.items():
-            assert reasons[(str(partition).encode(), str(offset).encode())] == rejection.reason.value.encode()
-        assert sorted(value for _, _, _, value, _ in dlq) == sorted(value for _, value in BAD_RECORDS)
+            assert letters[(str(partition).encode(), str(offset).encode())][0] == rejection.reason.value.encode()
+        assert sorted(value for _, value in letters.values()) == sorted(value for _, value in BAD_RECORDS)
 
         # A full redelivery of every record changes no state.
         rewind_group(pipeline)
@@ -96,10 +99,9 @@ def test_published_states_equal_offline_recomputation(kafka_bootstrap, tmp_path)
         pipeline.stop_all()
         result = compare(pipeline.settings, pipeline.published(), expected.states)
         print("after a full redelivery:", result.summary(), pipeline.batch_totals(2))
-        assert pipeline.batch_totals(2) == {
-            "applied": 0, "duplicates": result.events_expected, "dead letters": len(BAD_RECORDS)}
+        assert pipeline.batch_totals(2) == {"applied": 0, "duplicates": total, "dead letters": 0}
         assert result.ok, result.summary()
-        assert len(list(read_topic(kafka_bootstrap, pipeline.settings.dlq_topic))) == 2 * len(BAD_RECORDS)
+        assert len(list(read_topic(kafka_bootstrap, pipeline.settings.dlq_topic))) == len(dlq)
     finally:
         pipeline.stop_all()
 

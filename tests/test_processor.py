@@ -86,3 +86,13 @@ def test_a_foreign_rocksdb_is_refused(tmp_path):
     foreign.close()
     with pytest.raises(StoreError, match="not a vql-stream store"):
         PartitionStore(tmp_path / "db", "a" * 16)
+
+
+def test_a_rewound_batch_neither_moves_the_offset_back_nor_dead_letters_again(processor):
+    batch = records(0, 0, [(b"a", event("a", 1, 1)), (b"a", b"bad"), (b"a", event("a", 2, 1))])
+    processor.commit(processor.process(batch))
+    rewound = processor.process(batch[:2])
+    processor.commit(rewound)
+    assert rewound.duplicates == 2 and not rewound.dead_letters
+    assert processor.store(0).processed_offset() == 2
+    assert processor.process(batch).duplicates == 3
