@@ -51,7 +51,7 @@ class PartitionStore:
             self._db.close()
             raise StoreError(
                 f"{path} was built with model {stamp.decode()}, the worker loads {model_version}: "
-                "replay into a new store for a new model (docs/operations.md)"
+                "a new model needs a new store, built by replay (docs/operations.md)"
             )
 
     def load(self, user_ids: Sequence[str]) -> list[UserState | None]:
