@@ -1,21 +1,24 @@
-"""The VQL encoder in torch: behavior -> key per group -> code, and value (design/vql.md 1-4).
+"""VQL: quantized-key target attention over a user's whole history (design/vql.md 1-5).
 
-Two entry points, as in HSTU's STU module: :meth:`VQLModel.encode` turns behaviors into
-(codes, values), which is all the per-user state needs; :meth:`VQLModel.attend` runs attention
-over a user's raw events, the reference that the state-based scorer must equal.
+Three entry points over one set of weights, as in HSTU's STU module:
+:meth:`VQLModel.forward` (via CTRModel) trains on user batches; :meth:`VQLModel.encode` turns
+behaviors into (codes, values), all the per-user state needs; :meth:`VQLModel.attend` runs
+the same attention over one user's raw events, the reference the state scorer must equal.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vql.model.artifact import ArtifactError, load_artifact, save_artifact
+from vql.model.attention import decay_log_kernel, masked_attention, prefix_mask
 from vql.model.config import ModelConfig
+from vql.model.ctr import CTRModel, TensorBatch
 from vql.model.features import BehaviorColumns, Candidates, hash_buckets
 from vql.schemas.events import Action, Modality
 
@@ -25,103 +28,114 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class VQLModel(nn.Module):
-    """Embeddings, key/value/query projections, codebooks, rate mixture and CTR head."""
+class VQLModel(CTRModel):
+    """CTR model whose attention keys are quantized against one codebook per head group."""
+
+    quantize = True
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        width = config.heads * config.head_dim
+        super().__init__(config)
         generator = torch.Generator().manual_seed(config.seed)
-        self.item_embedding = nn.Embedding(config.item_buckets, config.item_dim)
-        self.action_embedding = nn.Embedding(len(Action), config.action_dim)
-        self.category_embedding = nn.Embedding(config.category_buckets, config.category_dim)
-        self.modality_embedding = nn.Embedding(len(Modality), config.modality_dim)
-        self.key = nn.Linear(config.behavior_dim, width, bias=False)
-        self.value = nn.Linear(config.behavior_dim, width, bias=False)
-        self.query = nn.Linear(config.target_dim, width, bias=False)
-        self.codebooks = nn.Parameter(torch.zeros(config.groups, config.codes, config.group_dim))
-        # Per-head mixture over the decay bank (softmax over r), target-independent here.
+        # Per-head mixture over the decay bank (softmax over r), target-independent, so that
+        # the rates fold into the state before scoring (vql.md section 7).
         self.rate_logits = nn.Parameter(torch.zeros(config.heads, config.rates))
-        self.head = nn.Sequential(
-            nn.Linear(width + config.target_dim, config.mlp_hidden),
-            nn.ReLU(),
-            nn.Linear(config.mlp_hidden, 1),
-        )
-        self.register_buffer(
-            "decay_rates", torch.tensor(config.decay_rates, dtype=torch.float64), persistent=False
-        )
-        # Initialise from the config's seed alone, so that equal configs give equal models.
+        self.register_buffer("codebooks", torch.zeros(config.groups, config.codes, config.group_dim))
+        self.register_buffer("decay_rates", torch.tensor(config.decay_rates, dtype=torch.float64), persistent=False)
+        # EMA codebook learning state (training only; not part of the artifact).
+        self.register_buffer("ema_counts", torch.ones(config.groups, config.codes), persistent=False)
+        self.register_buffer("ema_sums", torch.zeros(config.groups, config.codes, config.group_dim), persistent=False)
+        self.seeded_init(generator)
         with torch.no_grad():
-            for parameter in self.parameters():
-                if parameter.dim() > 1:
-                    scale = 1.0 / math.sqrt(parameter.shape[-1])
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
-                else:
-                    parameter.zero_()
             self.rate_logits.copy_(torch.randn(self.rate_logits.shape, generator=generator))
             self._seed_codebooks(generator)
-
-    # -- features ---------------------------------------------------------------------------
-
-    def _device_long(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.codebooks.device)
-
-    def behavior_features(self, columns: BehaviorColumns) -> torch.Tensor:
-        """b_i = [e(x_i); e(a_i); e(category_i); e(modality_i)], shape (n, behavior_dim)."""
-        cfg = self.config
-        return torch.cat(
-            [
-                self.item_embedding(self._device_long(hash_buckets(columns.item, cfg.item_buckets))),
-                self.action_embedding(self._device_long(columns.action)),
-                self.category_embedding(
-                    self._device_long(hash_buckets(columns.category, cfg.category_buckets))
-                ),
-                self.modality_embedding(self._device_long(columns.modality)),
-            ],
-            dim=-1,
-        )
-
-    def target_features(self, candidates: Candidates) -> torch.Tensor:
-        """[e(y); e(s_y)], shape (N, target_dim)."""
-        cfg = self.config
-        return torch.cat(
-            [
-                self.item_embedding(self._device_long(hash_buckets(candidates.item, cfg.item_buckets))),
-                self.category_embedding(
-                    self._device_long(hash_buckets(candidates.category, cfg.category_buckets))
-                ),
-                self.modality_embedding(self._device_long(candidates.modality)),
-            ],
-            dim=-1,
-        )
+        self._commitment = torch.zeros(())
+        self._last_keys: torch.Tensor | None = None
+        self._last_codes: torch.Tensor | None = None
+        self._generator = generator
 
     # -- keys, codes, values ----------------------------------------------------------------
 
     def keys(self, features: torch.Tensor) -> torch.Tensor:
-        """Unquantized keys per group, (n, G, group_dim)."""
+        """Unquantized keys per group, (..., G, group_dim)."""
         cfg = self.config
-        return self.key(features).view(-1, cfg.groups, cfg.group_dim)
+        return self.key(features).view(*features.shape[:-1], cfg.groups, cfg.group_dim)
 
     def assign_codes(self, keys: torch.Tensor) -> torch.Tensor:
-        """z_i^g = argmin_c ||k_i^g - C^g_c||^2, shape (n, G)."""
+        """z^g = argmin_c ||k^g - C^g_c||^2 for keys (..., G, D): codes (..., G)."""
         # ||k||^2 is the same for every code of a row, so it drops out of the argmin.
-        cross = torch.einsum("ngd,gkd->ngk", keys, self.codebooks)
+        cross = torch.einsum("...gd,gkd->...gk", keys, self.codebooks)
         return ((self.codebooks**2).sum(-1) - 2 * cross).argmin(dim=-1)
+
+    def quantized(self, keys: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """C_z with the straight-through estimator: forward C_z, gradient to the keys."""
+        group_index = torch.arange(self.config.groups, device=keys.device)
+        chosen = self.codebooks[group_index, codes]
+        return keys + (chosen - keys).detach()
 
     @torch.inference_mode()
     def encode(self, columns: BehaviorColumns) -> tuple[np.ndarray, np.ndarray]:
         """Codes (n, G) int64 and exact values (n, G, group_dim) float32 of a batch."""
-        features = self.behavior_features(columns)
+        cfg = self.config
+        device = self.codebooks.device
+        features = self.behavior_features(
+            _tensor(hash_buckets(columns.item, cfg.item_buckets), device),
+            _tensor(columns.action, device),
+            _tensor(hash_buckets(columns.category, cfg.category_buckets), device),
+            _tensor(columns.modality, device),
+        )
         codes = self.assign_codes(self.keys(features))
-        values = self.value(features).view(-1, self.config.groups, self.config.group_dim)
+        values = self.value(features).view(-1, cfg.groups, cfg.group_dim)
         return codes.cpu().numpy(), values.float().cpu().numpy()
 
-    # -- attention over raw events (the reference) ------------------------------------------
+    # -- attention --------------------------------------------------------------------------
 
     def head_mixture(self) -> torch.Tensor:
         """w_{h,r} >= 0, summing to 1 over rates, shape (H, R)."""
         return torch.softmax(self.rate_logits, dim=-1)
+
+    def interest(self, batch: TensorBatch, events: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        dtype = queries.dtype
+        keys = self.keys(events)
+        if self.quantize:
+            codes = self.assign_codes(keys.detach())
+            chosen = self.quantized(keys, codes)
+            if self.training:
+                seen = prefix_mask(batch.visible, keys.shape[1]).any(dim=1)  # (B, L)
+                error = ((keys - chosen.detach()) ** 2).sum(-1).mean(-1)  # (B, L)
+                self._commitment = (error * seen).sum() / seen.sum().clamp(min=1)
+                self._last_keys, self._last_codes = keys.detach()[seen], codes[seen]
+            keys = chosen
+        keys = keys.to(dtype).reshape(*keys.shape[:2], self.config.heads, self.config.head_dim)
+        values = self.split_heads(self.value(events)).to(dtype)
+        dt = (batch.target_time_s[:, :, None] - batch.time_s[:, None, :]).clamp(min=0).to(dtype)
+        log_kernel = decay_log_kernel(dt, self.decay_rates.to(dtype), torch.log_softmax(self.rate_logits, -1).to(dtype))
+        mask = prefix_mask(batch.visible, events.shape[1])
+        return masked_attention(queries, keys, values, mask, log_kernel)
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        return self._commitment
+
+    @torch.no_grad()
+    def after_step(self, decay: float = 0.99, dead_below: float = 1e-3) -> None:
+        """EMA codebook update from the last batch's keys, and dead-code restart."""
+        if not self.quantize or self._last_keys is None or self._last_keys.shape[0] == 0:
+            return
+        cfg = self.config
+        keys, codes = self._last_keys.float(), self._last_codes
+        one_hot = F.one_hot(codes, cfg.codes).float()  # (n, G, K)
+        counts = one_hot.sum(0)  # (G, K)
+        sums = torch.einsum("ngk,ngd->gkd", one_hot, keys)
+        self.ema_counts.mul_(decay).add_(counts, alpha=1 - decay)
+        self.ema_sums.mul_(decay).add_(sums, alpha=1 - decay)
+        self.codebooks.copy_(self.ema_sums / self.ema_counts.clamp(min=1e-6)[..., None])
+        dead = self.ema_counts < dead_below * self.ema_counts.sum(-1, keepdim=True) / cfg.codes
+        if dead.any():
+            groups, slots = dead.nonzero(as_tuple=True)
+            picks = torch.randint(0, keys.shape[0], (groups.shape[0],), generator=self._generator).to(keys.device)
+            self.codebooks[groups, slots] = keys[picks, groups]
+            self.ema_sums[groups, slots] = keys[picks, groups]
+            self.ema_counts[groups, slots] = 1.0
+        self._last_keys = self._last_codes = None
 
     @torch.inference_mode()
     def attend(
@@ -132,32 +146,39 @@ class VQLModel(nn.Module):
         *,
         quantized: bool = True,
     ) -> torch.Tensor:
-        """Attention of each candidate over every raw event, in float64: (N, H, head_dim).
-
-        With ``quantized`` the keys are the codebook entries (what the per-user state
-        computes exactly); without, this is unquantized full attention, the accuracy ceiling.
-        Time is read at max(now, latest event), the convention of the state (vql.md 6).
-        """
+        """This model's attention of each candidate over one user's raw events, in float64:
+        (N, H, head_dim). With ``quantized`` False the keys are left unquantized (the
+        accuracy ceiling). Time is read at max(now, latest event), as the state does."""
         cfg = self.config
-        n_cand = len(candidates)
-        if len(events) == 0:
-            return torch.zeros(n_cand, cfg.heads, cfg.head_dim, dtype=torch.float64)
-        features = self.behavior_features(events)
-        keys = self.keys(features)
-        if quantized:
-            group_index = torch.arange(cfg.groups, device=keys.device)
-            keys = self.codebooks[group_index, self.assign_codes(keys)]
-        keys = keys.double().reshape(-1, cfg.heads, cfg.head_dim)
-        values = self.value(features).double().reshape(-1, cfg.heads, cfg.head_dim)
-        queries = self.query(self.target_features(candidates)).double().view(n_cand, cfg.heads, cfg.head_dim)
-        times = torch.from_numpy(events.time_s).to(keys.device)
-        dt = torch.clamp(max(float(now_s), float(times.max())) - times, min=0.0)
-        # log kappa_h(dt) = logsumexp_r(log w_{h,r} - lambda_r dt): (H, L)
-        log_mix = torch.log(self.head_mixture().double())
-        log_kernel = torch.logsumexp(log_mix[:, None, :] - dt[None, :, None] * self.decay_rates, dim=-1)
-        logits = torch.einsum("nhd,lhd->nhl", queries, keys) / math.sqrt(cfg.head_dim)
-        weights = torch.softmax(logits + log_kernel[None], dim=-1)
-        return torch.einsum("nhl,lhd->nhd", weights, values)
+        n, length = len(candidates), len(events)
+        if length == 0:
+            return torch.zeros(n, cfg.heads, cfg.head_dim, dtype=torch.float64)
+        device = self.codebooks.device
+        read_at = max(float(now_s), float(events.time_s.max()))
+        batch = TensorBatch(
+            item=_tensor(hash_buckets(events.item, cfg.item_buckets), device)[None],
+            action=_tensor(events.action, device)[None],
+            category=_tensor(hash_buckets(events.category, cfg.category_buckets), device)[None],
+            raw_category=_tensor(events.category, device)[None],
+            modality=_tensor(events.modality, device)[None],
+            time_s=_tensor(events.time_s, device)[None],
+            target_item=_tensor(hash_buckets(candidates.item, cfg.item_buckets), device)[None],
+            target_category=_tensor(hash_buckets(candidates.category, cfg.category_buckets), device)[None],
+            target_raw_category=_tensor(candidates.category, device)[None],
+            target_modality=_tensor(candidates.modality, device)[None],
+            target_time_s=torch.full((1, n), read_at, dtype=torch.float64, device=device),
+            visible=torch.full((1, n), length, dtype=torch.int64, device=device),
+            label=torch.zeros(1, n, device=device),
+            target_mask=torch.ones(1, n, dtype=torch.bool, device=device),
+        )
+        features = self.behavior_features(batch.item, batch.action, batch.category, batch.modality)
+        targets = self.target_features(batch.target_item, batch.target_category, batch.target_modality)
+        queries = self.split_heads(self.query(targets)).double()
+        previous, self.quantize = self.quantize, quantized
+        try:
+            return self.interest(batch, features, queries)[0]
+        finally:
+            self.quantize = previous
 
     # -- artifact ---------------------------------------------------------------------------
 
@@ -182,11 +203,15 @@ class VQLModel(nn.Module):
         """Start each code at the key of a random behavior, so that every code is in use."""
         cfg = self.config
         n = cfg.codes
-        sample = BehaviorColumns(
-            item=torch.randint(0, 2**62, (n,), generator=generator).numpy(),
-            action=torch.randint(0, len(Action), (n,), generator=generator).numpy(),
-            category=torch.randint(0, cfg.category_buckets, (n,), generator=generator).numpy(),
-            modality=torch.randint(0, len(Modality), (n,), generator=generator).numpy(),
-            time_s=np.zeros(n),
+        features = self.behavior_features(
+            torch.randint(0, cfg.item_buckets, (n,), generator=generator),
+            torch.randint(0, len(Action), (n,), generator=generator),
+            torch.randint(0, cfg.category_buckets, (n,), generator=generator),
+            torch.randint(0, len(Modality), (n,), generator=generator),
         )
-        self.codebooks.copy_(self.keys(self.behavior_features(sample)).transpose(0, 1))
+        self.codebooks.copy_(self.keys(features).transpose(0, 1))
+        self.ema_sums.copy_(self.codebooks)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)

@@ -1,0 +1,20 @@
+"""DIN-style target attention over the user's last k behaviors only (no time kernel)."""
+
+from __future__ import annotations
+
+import torch
+
+from vql.model.attention import last_k_mask, masked_attention
+from vql.model.config import ModelConfig
+from vql.model.ctr import CTRModel, TensorBatch
+
+
+class DINModel(CTRModel):
+    def __init__(self, config: ModelConfig, k: int) -> None:
+        super().__init__(config)
+        self.k = k
+        self.seeded_init(torch.Generator().manual_seed(config.seed))
+
+    def interest(self, batch: TensorBatch, events: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        keys, values = self.split_heads(self.key(events)), self.split_heads(self.value(events))
+        return masked_attention(queries, keys, values, last_k_mask(batch.visible, events.shape[1], self.k))
