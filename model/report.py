@@ -1,0 +1,88 @@
+"""docs/results.md and its plots from the aggregated records of model/experiments.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_LABELS = {
+    "vql": "VQL (quantized keys, per-code state)",
+    "full": "full attention (unquantized, ceiling)",
+    "din50": "DIN, last 50",
+    "din200": "DIN, last 200",
+    "sim": "SIM-hard (target category, last 200)",
+    "sdim": "SDIM (SimHash buckets)",
+    "mean": "mean pooling",
+}
+
+
+def _lookup(records: list[dict]) -> dict[tuple, dict]:
+    return {(r["dataset"], r["model"], r["metric"], r["L"]): r for r in records}
+
+
+def markdown_table(records: list[dict], dataset: str, state_bytes: int) -> str:
+    main = [r for r in records if r["dataset"] == dataset and r["metric"] == "auc"]
+    full_length = max(r["L"] for r in main)
+    table = _lookup(records)
+    lines = [
+        "| model | AUC | GAUC | logloss | train s/epoch | state or input per user |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for model in MODEL_LABELS:
+        auc = table.get((dataset, model, "auc", full_length))
+        if auc is None:
+            continue
+        cells = [MODEL_LABELS[model]]
+        for metric in ("auc", "gauc", "logloss"):
+            r = table[(dataset, model, metric, full_length)]
+            cells.append(f"{r['value']:.4f} ± {r['std']:.4f}")
+        speed = table.get((dataset, model, "train_seconds_per_epoch", full_length))
+        cells.append(f"{speed['value']:.1f}" if speed else "")
+        cells.append(f"{state_bytes:,} B state" if model == "vql" else "raw history")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_auc_vs_length(records: list[dict], dataset: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for model in MODEL_LABELS:
+        points = sorted((r["L"], r["value"], r["std"]) for r in records
+                        if r["dataset"] == dataset and r["model"] == model and r["metric"] == "auc")
+        if points:
+            xs, ys, es = zip(*points)
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=MODEL_LABELS[model])
+    ax.set_xscale("log")
+    ax.set_xlabel("history length visible at test time (newest events)")
+    ax.set_ylabel("test AUC")
+    ax.set_title(f"{dataset}: AUC vs history length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_state_bytes(lengths: list[int], state_bytes: list[int], raw_bytes: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(lengths, state_bytes, marker="o", label="VQL state (float32)")
+    ax.plot(lengths, raw_bytes, marker="s", label="raw history (JSON events)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("events in the history (L)")
+    ax.set_ylabel("bytes per user")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
