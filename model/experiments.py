@@ -8,7 +8,6 @@ JSON lines (docs/results.jsonl) and a Markdown table with plots (docs/results.md
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,30 +30,19 @@ class RunResult:
     history_length: int
 
 
-def run_one(dataset: Dataset, model_name: str, seed: int, model_config: ModelConfig, train_config: TrainConfig,
-            device: torch.device, progress: bool = True) -> RunResult:
-    model = MODELS[model_name](model_config.model_copy(update={"seed": seed}))
-    report = train(model, dataset.histories, dataset.train, TrainConfig(**{**train_config.__dict__, "seed": seed}),
-                   device, progress=progress, label=f"{dataset.name}/{model_name}/seed {seed}")
-    metrics = evaluate(model, dataset.histories, dataset.test, device, max_events=train_config.max_events)
-    lengths = np.diff(dataset.histories.offsets)
-    return RunResult(dataset.name, model_name, seed, metrics, float(np.mean(report.epoch_seconds)),
-                     int(lengths.max()))
-
-
 def aggregate(results: list[RunResult]) -> list[dict]:
     """One JSON record per (dataset, model, metric): mean and std over seeds."""
     records = []
-    keys = sorted({(r.dataset, r.model) for r in results}, key=lambda k: (k[0], list(MODELS).index(k[1])))
-    for dataset, model in keys:
-        runs = [r for r in results if (r.dataset, r.model) == (dataset, model)]
+    keys = sorted({(r.dataset, r.model, r.history_length) for r in results},
+                  key=lambda k: (k[0], list(MODELS).index(k[1]), k[2]))
+    for dataset, model, length in keys:
+        runs = [r for r in results if (r.dataset, r.model, r.history_length) == (dataset, model, length)]
         for metric in ("auc", "gauc", "logloss"):
             values = np.array([r.metrics[metric] for r in runs])
-            records.append({"dataset": dataset, "L": runs[0].history_length, "model": model, "metric": metric,
+            records.append({"dataset": dataset, "L": length, "model": model, "metric": metric,
                             "value": round(float(values.mean()), 5), "std": round(float(values.std()), 5),
                             "seeds": len(runs)})
-        records.append({"dataset": dataset, "L": runs[0].history_length, "model": model,
-                        "metric": "train_seconds_per_epoch",
+        records.append({"dataset": dataset, "L": length, "model": model, "metric": "train_seconds_per_epoch",
                         "value": round(float(np.mean([r.epoch_seconds for r in runs])), 2), "std": 0.0,
                         "seeds": len(runs)})
     return records
@@ -65,6 +53,39 @@ def write_jsonl(records: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def timed(fn, *args, **kwargs):
-    started = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - started
+def run_grid(
+    datasets: list[Dataset],
+    models: list[str],
+    seeds: list[int],
+    lengths: list[int],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    device: torch.device,
+    out_dir: Path,
+) -> list[dict]:
+    """Train and test every (dataset, model, seed); evaluate each trained model again with
+    its test histories cut to the newest L events for every L in ``lengths`` (AUC vs L).
+    Writes ``out_dir/results.jsonl`` and ``out_dir/results.md`` (with plots) and returns the
+    records."""
+    from vql.model.report import write_results
+
+    results: list[RunResult] = []
+    for dataset in datasets:
+        full_length = int(np.diff(dataset.histories.offsets).max())
+        for model_name in models:
+            for seed in seeds:
+                model = MODELS[model_name](model_config.model_copy(update={"seed": seed}))
+                config = TrainConfig(**{**train_config.__dict__, "seed": seed})
+                report = train(model, dataset.histories, dataset.train, config, device,
+                               label=f"{dataset.name}/{model_name}/seed {seed}")
+                for length in sorted({*(l for l in lengths if l < full_length), full_length}):
+                    metrics = evaluate(model, dataset.histories, dataset.test, device,
+                                       max_events=None if length == full_length else length)
+                    results.append(RunResult(dataset.name, model_name, seed, metrics,
+                                             float(np.mean(report.epoch_seconds)), length))
+                print(f"{dataset.name} {model_name} seed {seed}: " +
+                      ", ".join(f"{k} {v:.4f}" for k, v in results[-1].metrics.items()), flush=True)
+    records = aggregate(results)
+    write_jsonl(records, out_dir / "results.jsonl")
+    write_results(records, datasets, out_dir)
+    return records

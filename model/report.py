@@ -86,3 +86,21 @@ def plot_state_bytes(lengths: list[int], state_bytes: list[int], raw_bytes: list
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_results(records: list[dict], datasets, out_dir: Path) -> None:
+    """docs/results.md: a table per dataset and the AUC-vs-length plot of each."""
+    from vql.model.config import ModelConfig
+
+    cfg = ModelConfig()
+    full_state = 70 + 11 + cfg.groups * cfg.codes * cfg.rates * (2 + 4 * (1 + cfg.group_dim))
+    sections = ["# Results", "",
+                "Produced by `vql evaluate` (docs/training.md); machine-readable in results.jsonl.",
+                "Mean ± std over seeds; L is the longest history in the dataset.", ""]
+    for dataset in datasets:
+        plot = out_dir / "plots" / f"auc_vs_length_{dataset.name}.png"
+        plot_auc_vs_length(records, dataset.name, plot)
+        sections += [f"## {dataset.name}", "", dataset.description, "",
+                     markdown_table(records, dataset.name, full_state), "",
+                     f"![AUC vs history length](plots/{plot.name})", ""]
+    (out_dir / "results.md").write_text("\n".join(sections))

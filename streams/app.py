@@ -24,9 +24,12 @@ from collections.abc import Sequence
 import faust
 import mode
 import numpy as np
+from faust.sensors.prometheus import setup_prometheus_sensors
+from prometheus_client import CollectorRegistry
 
 from vql.schemas.user_state import encode_user_state
-from vql.streams.processor import BatchProcessor, DeadLetter, RawRecord
+from vql.streams.metrics import WorkerMetrics
+from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter, RawRecord
 from vql.streams.settings import Settings
 
 log = logging.getLogger("vql.worker")
@@ -65,9 +68,48 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
     # starts; Faust only subscribes to the input, as raw bytes: decoding is ours, so that a
     # bad record becomes a dead letter rather than a codec error inside Faust.
     behaviors = app.topic(settings.behaviors_topic, key_serializer="raw", value_serializer="raw")
+    registry = CollectorRegistry()
+    setup_prometheus_sensors(app, "/metrics", registry, name_prefix="faust")
+    cfg = processor.model.config
+    metrics = WorkerMetrics(registry, cfg.groups, cfg.codes)
+    health = {"status": "starting"}
+
+    @app.page("/health")
+    async def _health(web, request):  # noqa: ANN001 - Faust's view signature
+        """starting (no batch consumed yet), recovering (rebalancing), ready: 200 only when ready."""
+        status = "recovering" if app.rebalancing else health["status"]
+        return web.json({"status": status, "model_version": processor.model_version},
+                        status=200 if status == "ready" else 503)
+
+    def observe(result: BatchResult, records: list[RawRecord], events: list, process_s: float, publish_s: float) -> None:
+        metrics.batch_records.observe(len(records))
+        metrics.records.labels(outcome="applied").inc(result.applied)
+        metrics.records.labels(outcome="duplicate").inc(result.duplicates)
+        metrics.records.labels(outcome="dead_letter").inc(len(result.dead_letters))
+        for letter in result.dead_letters:
+            metrics.dead_letters.labels(reason=letter.rejection.reason.value).inc()
+        metrics.states_published.inc(len(result.states))
+        metrics.stage_seconds.labels(stage="process").observe(process_s)
+        metrics.stage_seconds.labels(stage="encode").observe(result.encode_s)
+        metrics.stage_seconds.labels(stage="publish").observe(publish_s)
+        metrics.stage_seconds.labels(stage="store").observe(result.store_s)
+        if result.code_counts is not None:
+            metrics.observe_codes(result.code_counts)
+        oldest = min((e.message.timestamp for e in events if e.message.timestamp), default=None)
+        if oldest:
+            metrics.freshness.observe(max(0.0, time.time() - oldest))
+        for partition, _states, offset in result.writes:
+            tp = next(e.message.tp for e in events if e.message.partition == partition)
+            highwater = app.consumer.highwater(tp)
+            if highwater is not None:
+                metrics.lag.labels(partition=str(partition)).set(max(0, highwater - offset - 1))
+            store = processor.store(partition)
+            metrics.store_keys.labels(partition=str(partition)).set(store.approximate_keys())
+            metrics.store_bytes.labels(partition=str(partition)).set(store.approximate_bytes())
 
     @app.agent(behaviors, concurrency=1, supervisor_strategy=mode.CrashingSupervisor)
     async def apply_behaviors(stream: faust.StreamT) -> None:
+        health["status"] = "ready"
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_window_s):
             records = [
                 RawRecord(e.message.partition, e.message.offset, e.message.key, e.message.value)
@@ -99,6 +141,7 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
             processor.commit(result)
             for event in events:
                 await stream.ack(event)
+            observe(result, records, events, processed - started, published - processed)
             log.info(
                 "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published; "
                 "process %.0f ms (encode %.0f), publish %.0f ms, commit+ack %.0f ms",

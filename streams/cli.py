@@ -77,6 +77,52 @@ def _bench_state_size(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.model.config import ModelConfig
+    from vql.model.datasets import DatasetUnavailable, load_dataset
+    from vql.model.encoder import VQLModel, default_device
+    from vql.model.training import TrainConfig, evaluate, train
+
+    try:
+        data = load_dataset(args.dataset)
+    except DatasetUnavailable as exc:
+        print(f"vql train: {exc}", file=sys.stderr)
+        return 1
+    model = VQLModel(ModelConfig(seed=args.seed))
+    device = default_device()
+    report = train(model, data.histories, data.train,
+                   TrainConfig(epochs=args.epochs, users_per_batch=args.users_per_batch,
+                               learning_rate=args.lr, max_events=args.max_events, seed=args.seed), device)
+    metrics = evaluate(model, data.histories, data.test, device, max_events=args.max_events)
+    out = args.out or settings.model_path
+    version = model.save(out)
+    seconds = ", ".join(f"{s:.1f}" for s in report.epoch_seconds)
+    print(f"trained VQL on {data.name}: epoch seconds [{seconds}], losses "
+          f"{[round(x, 4) for x in report.epoch_losses]}")
+    print("test " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"wrote model {version} to {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.model.config import ModelConfig
+    from vql.model.datasets import DatasetUnavailable, load_dataset
+    from vql.model.encoder import default_device
+    from vql.model.experiments import run_grid
+    from vql.model.training import TrainConfig
+
+    try:
+        datasets = [load_dataset(name) for name in args.datasets]
+    except DatasetUnavailable as exc:
+        print(f"vql evaluate: {exc}", file=sys.stderr)
+        return 1
+    run_grid(datasets, args.models, list(range(args.seeds)), args.lengths, ModelConfig(),
+             TrainConfig(epochs=args.epochs, users_per_batch=args.users_per_batch, learning_rate=args.lr),
+             default_device(), args.out)
+    print(f"wrote {args.out / 'results.jsonl'} and {args.out / 'results.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vql",
@@ -98,6 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--force", action="store_true", help="replace an existing file")
     init.set_defaults(handler=_model_init)
+
+    train = commands.add_parser("train", help="train VQL on a dataset and write the model artifact",
+                                description="Train the VQL CTR model end to end (BCE + commitment loss, "
+                                "EMA codebooks) and write config + weights + codebooks + version hash.")
+    train.add_argument("--dataset", choices=["movielens", "synthetic"], default="movielens")
+    train.add_argument("--epochs", type=int, default=2)
+    train.add_argument("--users-per-batch", type=int, default=16)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--max-events", type=int, default=None, help="train on the newest events only")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", type=Path, help="artifact path (default: $VQL_MODEL_PATH)")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="train and test VQL and every baseline; write docs/results.*",
+                                   description="The evaluation grid: models x datasets x seeds, AUC/GAUC/logloss, "
+                                   "AUC vs history length; writes results.jsonl and results.md with plots.")
+    evaluate.add_argument("--datasets", nargs="+", choices=["movielens", "synthetic"], default=["movielens", "synthetic"])
+    evaluate.add_argument("--models", nargs="+", default=["vql", "full", "din50", "din200", "sim", "sdim", "mean"])
+    evaluate.add_argument("--seeds", type=int, default=3)
+    evaluate.add_argument("--epochs", type=int, default=2)
+    evaluate.add_argument("--users-per-batch", type=int, default=16)
+    evaluate.add_argument("--lr", type=float, default=3e-3)
+    evaluate.add_argument("--lengths", type=int, nargs="+", default=[10, 50, 200, 1000, 10_000])
+    evaluate.add_argument("--out", type=Path, default=Path("docs"))
+    evaluate.set_defaults(handler=_evaluate)
 
     demo = commands.add_parser("demo", help="the main job: worker + demo events + a visible result",
                                description="Start a worker, stream demo events through it and "

@@ -50,6 +50,7 @@ class BatchResult:
     duplicates: int = 0
     encode_s: float = 0.0
     store_s: float = 0.0
+    code_counts: np.ndarray | None = None  # (G, K) codes assigned in this batch
 
     @property
     def states(self) -> list[UserState]:
@@ -133,6 +134,9 @@ class BatchProcessor:
         columns = BehaviorColumns.from_events(events)
         codes, values = self.model.encode(columns) if events else (None, None)
         result.encode_s = time.perf_counter() - started
+        if codes is not None:
+            cfg = self.model.config
+            result.code_counts = np.stack([np.bincount(codes[:, g], minlength=cfg.codes) for g in range(cfg.groups)])
 
         started = time.perf_counter()
         # Never move a partition's processed offset backwards (a rewound or redelivered batch).

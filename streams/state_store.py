@@ -85,6 +85,12 @@ class PartitionStore:
     def approximate_keys(self) -> int:
         return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)
 
+    def approximate_bytes(self) -> int:
+        """On-disk SST files plus memtables."""
+        sst = self._db.property_int_value("rocksdb.total-sst-files-size") or 0
+        memtables = self._db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
+        return int(sst + memtables)
+
     def close(self) -> None:
         self._db.close()
 

@@ -8,7 +8,10 @@ and at the end the consumer group is rewound to the start and every record is re
 from __future__ import annotations
 
 import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 
 import orjson
 import pytest
@@ -122,3 +125,49 @@ def test_topics_are_created_with_their_layout_and_mismatches_refused(kafka_boots
     with pytest.raises(TopicLayoutError, match="co-partitioned"):
         ensure_topics(settings.model_copy(update={"states_topic": settings.states_topic + ".other",
                                                   "partitions": 3, "behaviors_topic": settings.behaviors_topic}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_health_and_metrics_endpoints(kafka_bootstrap, tmp_path):
+    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=2)
+    port = free_port()
+    pipeline.settings = pipeline.settings.model_copy(update={"web_port": port})
+    try:
+        pipeline.start_worker()
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                code, body = http_get(port, "/health")
+                status = orjson.loads(body)["status"]
+                if code == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        assert status == "ready", pipeline.worker_logs()
+        records = list(generate(DemoSpec(users=20, mean_events=5, heavy_users=0, seed=3), int(time.time() * 1000)))
+        total = produce(pipeline, records + BAD_RECORDS[:2])
+        pipeline.wait_until_committed(total)
+        code, body = http_get(port, "/metrics")
+        text = body.decode()
+        assert code == 200
+        assert f'vql_records_total{{outcome="applied"}} {float(len(records))}' in text
+        assert 'vql_dead_letters_total{reason="not_json"} 2.0' in text
+        assert "vql_code_usage_entropy_bits{group=\"0\"}" in text
+        assert "vql_consumer_lag_records" in text and "faust_" in text
+    finally:
+        pipeline.stop_all()
