@@ -35,15 +35,22 @@ from vql.streams.settings import Settings
 log = logging.getLogger("vql.worker")
 
 
-def dead_letter_headers(letter: DeadLetter, source_topic: str) -> list[tuple[str, bytes]]:
-    """The DLQ contract: machine-readable reason plus where the original record came from."""
-    return [
+def dead_letter(letter: DeadLetter, source_topic: str, max_bytes: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The DLQ contract: the original value and headers with a machine-readable reason and
+    where the original record came from. A value over ``max_bytes`` is cut (and the headers
+    say so), so that no record can make the dead-letter publish itself fail."""
+    value = letter.record.value
+    headers = [
         ("reason", letter.rejection.reason.value.encode()),
         ("detail", letter.rejection.detail.encode("utf-8", "replace")),
         ("source_topic", source_topic.encode()),
         ("source_partition", str(letter.record.partition).encode()),
         ("source_offset", str(letter.record.offset).encode()),
     ]
+    if value is not None and len(value) > max_bytes:
+        headers += [("truncated", b"1"), ("original_bytes", str(len(value)).encode())]
+        value = value[:max_bytes]
+    return value, headers
 
 
 def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
@@ -63,6 +70,8 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         broker_commit_interval=settings.commit_interval_s,
+        # Room for a dead letter of max_dead_letter_bytes plus its headers.
+        producer_max_request_size=settings.max_dead_letter_bytes + 1024 * 1024,
     )
     # Topics are created (partitions, cleanup policies) by ensure_topics before the app
     # starts; Faust only subscribes to the input, as raw bytes: decoding is ours, so that a
@@ -129,13 +138,9 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
                 for partition, states, _offset in result.writes
                 for state in states  # co-partitioned: a state goes where its events came from
             ]
-            deliveries += [
-                await producer.send(
-                    settings.dlq_topic, letter.record.key, letter.record.value, None, None,
-                    dead_letter_headers(letter, settings.behaviors_topic),
-                )
-                for letter in result.dead_letters
-            ]
+            for letter in result.dead_letters:
+                value, headers = dead_letter(letter, settings.behaviors_topic, settings.max_dead_letter_bytes)
+                deliveries.append(await producer.send(settings.dlq_topic, letter.record.key, value, None, None, headers))
             await asyncio.gather(*deliveries)
             published = time.perf_counter()
             processor.commit(result)

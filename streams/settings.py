@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, ge=0, le=65535, description="the worker's HTTP port (/metrics, /health)")
     web_host: str = "127.0.0.1"
 
-    max_event_bytes: int = Field(64 * 1024, ge=256)
+    max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events are dead-lettered as oversized")
+    max_dead_letter_bytes: int = Field(
+        15 * 1024 * 1024, ge=1024,
+        description="a dead letter's value is cut to this size (headers say so): the DLQ never refuses a record",
+    )
     max_future_skew_s: float = Field(3600.0, ge=0, description="reject events further ahead than this")
     min_event_time_ms: int = Field(946_684_800_000, ge=0, description="reject events before this")
 

@@ -199,6 +199,11 @@ auto.create.topics.enable=true
 # retention judges a segment by its newest record timestamp, not by when it was written.
 log.retention.ms=-1
 
+# Accept records up to 16 MiB, so that an oversized event reaches the worker and its
+# dead-letter topic (with a reason) instead of being refused at the producer.
+message.max.bytes=16777216
+replica.fetch.max.bytes=16777216
+
 # A small machine: fewer threads than the defaults (3 network, 8 io).
 num.network.threads=2
 num.io.threads=4
