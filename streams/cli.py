@@ -123,6 +123,18 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.pipeline import run
+    from vql.streams.topics import BrokerUnavailable
+
+    try:
+        run(settings, args.work_dir, args.events, args.rate, args.seconds, args.timeout)
+    except (BrokerUnavailable, RuntimeError) as exc:
+        print(f"vql bench pipeline: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vql",
@@ -203,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            description="Measure the published state's size for histories of L events.")
     state_size.add_argument("--lengths", type=int, nargs="+", default=[10, 100, 1_000, 10_000, 100_000, 1_000_000])
     state_size.set_defaults(handler=_bench_state_size)
+    pipeline = bench_commands.add_parser(
+        "pipeline", help="one worker through the broker: events/s and freshness p50/p99",
+        description="Drain a backlog with one worker (events_per_s), then offer a fixed rate "
+        "(default: half the measured throughput) and measure freshness_p50_ms / freshness_p99_ms.")
+    pipeline.add_argument("--events", type=int, default=100_000, help="backlog size for the throughput run")
+    pipeline.add_argument("--rate", type=float, default=None, help="offered events/s for the freshness run")
+    pipeline.add_argument("--seconds", type=float, default=30.0, help="length of the freshness run")
+    pipeline.add_argument("--timeout", type=float, default=600.0)
+    pipeline.add_argument("--work-dir", type=Path, default=Path(".vql/bench"))
+    pipeline.set_defaults(handler=_bench_pipeline)
     return parser
 
 

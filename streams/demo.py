@@ -99,21 +99,15 @@ def run_demo(settings: Settings, spec: DemoSpec, timeout_s: float) -> int:
     from vql.model.encoder import VQLModel
     from vql.schemas.user_state import decode_user_state
 
-    run = time.strftime("%Y%m%d-%H%M%S")
-    settings = settings.model_copy(update={
-        "behaviors_topic": f"demo-{run}.behaviors",
-        "states_topic": f"demo-{run}.user-states",
-        "dlq_topic": f"demo-{run}.behaviors.dlq",
-        "app_id": f"vql-demo-{run}",
-        "data_dir": settings.data_dir / "demo" / run,
-    })
+    run = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    settings = settings.scoped(run)
     if not settings.model_path.exists():
         version = VQLModel(ModelConfig()).save(settings.model_path)
         print(f"created model {version} at {settings.model_path} (random init: `vql train` comes later)")
     ensure_topics(settings)
     log_path = settings.data_dir / "worker.log"
     worker = start_worker(settings, log_path)
-    print(f"worker started (pid {worker.pid}, log {log_path}), topics demo-{run}.*")
+    print(f"worker started (pid {worker.pid}, log {log_path}), topics {run}.*")
     try:
         started = time.monotonic()
         produced, raw_bytes = produce_demo_events(settings, spec)

@@ -52,6 +52,17 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(3600.0, ge=0, description="reject events further ahead than this")
     min_event_time_ms: int = Field(946_684_800_000, ge=0, description="reject events before this")
 
+    def scoped(self, name: str) -> "Settings":
+        """A copy with its own topics, consumer group and data dir (``name.behaviors``, ...):
+        a demo, test or benchmark run that shares a broker with others without mixing."""
+        return self.model_copy(update={
+            "behaviors_topic": f"{name}.behaviors",
+            "states_topic": f"{name}.user-states",
+            "dlq_topic": f"{name}.behaviors.dlq",
+            "app_id": f"vql-{name}",
+            "data_dir": self.data_dir / name,
+        })
+
     def event_policy(self) -> EventPolicy:
         return EventPolicy(
             max_event_bytes=self.max_event_bytes,

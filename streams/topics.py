@@ -74,8 +74,9 @@ def producer(bootstrap: str) -> KafkaProducer:
     )
 
 
-def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0) -> Iterator[tuple[int, int, bytes | None, bytes | None, tuple]]:
-    """Every record now in ``topic`` as (partition, offset, key, value, headers), then stop."""
+def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0, with_timestamps: bool = False) -> Iterator[tuple]:
+    """Every record now in ``topic`` as (partition, offset, key, value, headers), then stop;
+    with ``with_timestamps``, the record's timestamp (ms) is a sixth element."""
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -99,7 +100,8 @@ def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0) -> Iterator[tupl
             for tp, messages in batch.items():
                 for m in messages:
                     if m.offset < end[tp]:
-                        yield tp.partition, m.offset, m.key, m.value, tuple(m.headers or ())
+                        record = (tp.partition, m.offset, m.key, m.value, tuple(m.headers or ()))
+                        yield record + (m.timestamp,) if with_timestamps else record
                 if consumer.position(tp) >= end[tp]:
                     remaining.discard(tp)
     finally:

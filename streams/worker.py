@@ -44,6 +44,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
     except (BrokerUnavailable, TopicLayoutError) as exc:
         print(f"vql worker: {exc}", file=sys.stderr)
         return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings, processor)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     try:

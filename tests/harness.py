@@ -39,22 +39,12 @@ class Pipeline:
 
     @classmethod
     def create(cls, bootstrap: str, tmp_path: Path, partitions: int = 3) -> "Pipeline":
-        run = uuid.uuid4().hex[:8]
         model_path = tmp_path / "model.npz"
         VQLModel(ModelConfig()).save(model_path)
         settings = Settings(
-            kafka_bootstrap=bootstrap,
-            data_dir=tmp_path / "data",
-            model_path=model_path,
-            app_id=f"vql-test-{run}",
-            behaviors_topic=f"test-{run}.behaviors",
-            states_topic=f"test-{run}.user-states",
-            dlq_topic=f"test-{run}.behaviors.dlq",
-            partitions=partitions,
-            web_port=0,
-            batch_size=500,
-            session_timeout_s=6.0,
-        )
+            kafka_bootstrap=bootstrap, data_dir=tmp_path, model_path=model_path, partitions=partitions,
+            web_port=0, batch_size=500, session_timeout_s=6.0,
+        ).scoped(f"test-{uuid.uuid4().hex[:8]}")
         ensure_topics(settings)
         return cls(settings)
 
