@@ -77,13 +77,10 @@ def print_top_candidates(settings: Settings, blob: bytes, n_candidates: int, top
 
     state = decode_user_state(blob)
     scorer = Scorer.from_path(settings.model_path)
-    rng = np.random.default_rng(0)
-    category = rng.integers(0, 200, n_candidates)
-    candidates = Candidates(
-        item=category * ITEMS_PER_CATEGORY + rng.integers(0, 50, n_candidates),
-        category=category,
-        modality=category % 5,
-    )
+    # Distinct candidates: the 50 most popular items of each of the demo's 200 categories.
+    pool = np.random.default_rng(0).choice(200 * 50, size=min(n_candidates, 200 * 50), replace=False)
+    category = pool // 50
+    candidates = Candidates(item=category * ITEMS_PER_CATEGORY + pool % 50, category=category, modality=category % 5)
     started = time.perf_counter()
     scores = scorer.score(state, candidates, now_s=time.time())
     elapsed_ms = (time.perf_counter() - started) * 1e3
