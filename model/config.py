@@ -72,7 +72,3 @@ class ModelConfig(BaseModel):
         """Width of a candidate's features [e(y); e(s_y)]: the query side."""
         return self.item_dim + self.category_dim + self.modality_dim
 
-    @property
-    def state_numbers(self) -> int:
-        """Numbers in a full state: G*K*R cells of one log-count and a group_dim mean."""
-        return self.groups * self.codes * self.rates * (self.group_dim + 1)

@@ -91,9 +91,10 @@ def plot_state_bytes(lengths: list[int], state_bytes: list[int], raw_bytes: list
 def write_results(records: list[dict], datasets, out_dir: Path) -> None:
     """docs/results.md: a table per dataset and the AUC-vs-length plot of each."""
     from vql.model.config import ModelConfig
+    from vql.schemas.user_state import full_state_bytes
 
     cfg = ModelConfig()
-    full_state = 70 + 11 + cfg.groups * cfg.codes * cfg.rates * (2 + 4 * (1 + cfg.group_dim))
+    full_state = full_state_bytes(cfg.groups, cfg.codes, cfg.rates, cfg.group_dim, len("user-000000"))
     sections = ["# Results", "",
                 "Produced by `vql evaluate` (docs/training.md); machine-readable in results.jsonl.",
                 "Mean ± std over seeds; L is the longest history in the dataset.", ""]

@@ -61,6 +61,14 @@ class UserState:
         return int(np.isfinite(self.log_count).sum())
 
 
+def full_state_bytes(groups: int, codes: int, rates: int, dim: int, user_id_bytes: int,
+                     dtype: np.dtype | type = np.float32) -> int:
+    """Encoded size of a state with every (group, code, rate) cell occupied: the most a user
+    can cost, whatever the length of the history."""
+    itemsize = np.dtype(dtype).itemsize
+    return HEADER_BYTES + user_id_bytes + groups * codes * rates * (2 + itemsize * (1 + dim))
+
+
 def encode_user_state(state: UserState, dtype: np.dtype | type = np.float32) -> bytes:
     """Serialise ``state`` with its non-empty cells in ``dtype`` (float32 or float64)."""
     dtype = np.dtype(dtype).newbyteorder("<")

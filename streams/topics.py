@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -154,12 +153,3 @@ def latest_by_key(records: Iterable[tuple[int, int, bytes | None, bytes | None, 
             view[key] = value
     return view
 
-
-def wait_for(predicate, timeout_s: float, interval_s: float = 0.5) -> bool:
-    """Poll ``predicate`` until it is true or the timeout passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return predicate()

@@ -23,9 +23,9 @@ from vql.model.scoring import Scorer
 from vql.model.state import apply_events, empty_state
 from vql.schemas.decode import EventPolicy, Rejection, decode_event
 from vql.schemas.user_state import UserState, decode_user_state
-from vql.streams.demo import start_worker, stop_worker
+from vql.streams.demo import read_states, start_worker, stop_worker
 from vql.streams.settings import Settings
-from vql.streams.topics import ensure_topics, latest_by_key, read_topic
+from vql.streams.topics import ensure_topics, read_topic
 
 TOLERANCE = 1e-5
 
@@ -97,8 +97,7 @@ class Pipeline:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
 
     def published(self) -> dict[str, UserState]:
-        view = latest_by_key(read_topic(self.settings.kafka_bootstrap, self.settings.states_topic, idle_s=1.0))
-        return {key.decode(): decode_user_state(value) for key, value in view.items()}
+        return {key.decode(): decode_user_state(value) for key, value in read_states(self.settings).items()}
 
 
 @dataclass

@@ -14,7 +14,7 @@ from vql.model.features import BehaviorColumns, Candidates
 from vql.model.scoring import Scorer
 from vql.model.artifact import load_artifact
 from vql.model.state import apply_events, empty_state, merge_states, read_log_count
-from vql.schemas.user_state import UserState, encode_user_state
+from vql.schemas.user_state import UserState, encode_user_state, full_state_bytes
 
 T_BASE = 1.7e9
 SMALL = dict(item_buckets=512, category_buckets=64, item_dim=8, category_dim=4, action_dim=4, modality_dim=4)
@@ -149,7 +149,7 @@ def test_state_bytes_do_not_grow_with_history(tmp_path, length):
     cfg = model.config
     rng = np.random.default_rng(length)
     state = build_state(model, "0" * 16, random_events(rng, length), [np.arange(length)])
-    full = 70 + 1 + cfg.groups * cfg.codes * cfg.rates * (2 + 4 * (1 + cfg.group_dim))
+    full = full_state_bytes(cfg.groups, cfg.codes, cfg.rates, cfg.group_dim, len("u"))
     size = len(encode_user_state(state))
     assert size <= full <= 16 * 1024
     if length >= 1_000:  # every code in use: the state is full, and stays that size
