@@ -82,9 +82,12 @@ class CTRModel(nn.Module):
             nn.ReLU(),
             nn.Linear(config.mlp_hidden, 1),
         )
+        # Every random draw of a model comes from this generator, seeded by the config alone,
+        # so that equal configs give equal models; subclasses draw their own extras from it.
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._seed_parameters(self.generator)
 
-    def seeded_init(self, generator: torch.Generator) -> None:
-        """Initialise from the config's seed alone, so that equal configs give equal models."""
+    def _seed_parameters(self, generator: torch.Generator) -> None:
         with torch.no_grad():
             for parameter in self.parameters():
                 if parameter.dim() > 1:

@@ -35,7 +35,6 @@ class VQLModel(CTRModel):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        generator = torch.Generator().manual_seed(config.seed)
         # Per-head mixture over the decay bank (softmax over r), target-independent, so that
         # the rates fold into the state before scoring (vql.md section 7).
         self.rate_logits = nn.Parameter(torch.zeros(config.heads, config.rates))
@@ -44,14 +43,12 @@ class VQLModel(CTRModel):
         # EMA codebook learning state (training only; not part of the artifact).
         self.register_buffer("ema_counts", torch.ones(config.groups, config.codes), persistent=False)
         self.register_buffer("ema_sums", torch.zeros(config.groups, config.codes, config.group_dim), persistent=False)
-        self.seeded_init(generator)
         with torch.no_grad():
-            self.rate_logits.copy_(torch.randn(self.rate_logits.shape, generator=generator))
-            self._seed_codebooks(generator)
+            self.rate_logits.copy_(torch.randn(self.rate_logits.shape, generator=self.generator))
+            self._seed_codebooks(self.generator)
         self._commitment = torch.zeros(())
         self._last_keys: torch.Tensor | None = None
         self._last_codes: torch.Tensor | None = None
-        self._generator = generator
 
     # -- keys, codes, values ----------------------------------------------------------------
 
@@ -131,7 +128,7 @@ class VQLModel(CTRModel):
         dead = self.ema_counts < dead_below * self.ema_counts.sum(-1, keepdim=True) / cfg.codes
         if dead.any():
             groups, slots = dead.nonzero(as_tuple=True)
-            picks = torch.randint(0, keys.shape[0], (groups.shape[0],), generator=self._generator).to(keys.device)
+            picks = torch.randint(0, keys.shape[0], (groups.shape[0],), generator=self.generator).to(keys.device)
             self.codebooks[groups, slots] = keys[picks, groups]
             self.ema_sums[groups, slots] = keys[picks, groups]
             self.ema_counts[groups, slots] = 1.0

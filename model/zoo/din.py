@@ -13,7 +13,6 @@ class DINModel(CTRModel):
     def __init__(self, config: ModelConfig, k: int) -> None:
         super().__init__(config)
         self.k = k
-        self.seeded_init(torch.Generator().manual_seed(config.seed))
 
     def interest(self, batch: TensorBatch, events: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         keys, values = self.split_heads(self.key(events)), self.split_heads(self.value(events))

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 
 from vql.model.attention import masked_attention, prefix_mask
-from vql.model.config import ModelConfig
 from vql.model.ctr import CTRModel, TensorBatch
 
 
 class MeanPoolModel(CTRModel):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.seeded_init(torch.Generator().manual_seed(config.seed))
-
     def interest(self, batch: TensorBatch, events: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         values = self.split_heads(self.value(events))
         return masked_attention(queries, None, values, prefix_mask(batch.visible, events.shape[1]))

@@ -13,9 +13,7 @@ from vql.model.ctr import CTRModel, TensorBatch
 class SDIMModel(CTRModel):
     def __init__(self, config: ModelConfig, hashes: int = 4, bits: int = 3) -> None:
         super().__init__(config)
-        generator = torch.Generator().manual_seed(config.seed)
-        self.seeded_init(generator)
-        self.register_buffer("planes", torch.randn(hashes, bits, config.head_dim, generator=generator))
+        self.register_buffer("planes", torch.randn(hashes, bits, config.head_dim, generator=self.generator))
         self.register_buffer("bit_values", 2 ** torch.arange(bits))
 
     def signatures(self, x: torch.Tensor) -> torch.Tensor:

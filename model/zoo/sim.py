@@ -13,7 +13,6 @@ class SIMHardModel(CTRModel):
     def __init__(self, config: ModelConfig, k: int) -> None:
         super().__init__(config)
         self.k = k
-        self.seeded_init(torch.Generator().manual_seed(config.seed))
 
     def interest(self, batch: TensorBatch, events: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         same = prefix_mask(batch.visible, events.shape[1]) & (
