@@ -19,6 +19,7 @@ from vql.model.artifact import ArtifactError, load_artifact, save_artifact
 from vql.model.attention import decay_log_kernel, masked_attention, prefix_mask
 from vql.model.config import ModelConfig
 from vql.model.ctr import CTRModel, TensorBatch
+from vql.model.datasets import UserBatch
 from vql.model.features import BehaviorColumns, Candidates, hash_buckets
 from vql.schemas.events import Action, Modality
 
@@ -150,24 +151,17 @@ class VQLModel(CTRModel):
         n, length = len(candidates), len(events)
         if length == 0:
             return torch.zeros(n, cfg.heads, cfg.head_dim, dtype=torch.float64)
-        device = self.codebooks.device
         read_at = max(float(now_s), float(events.time_s.max()))
-        batch = TensorBatch(
-            item=_tensor(hash_buckets(events.item, cfg.item_buckets), device)[None],
-            action=_tensor(events.action, device)[None],
-            category=_tensor(hash_buckets(events.category, cfg.category_buckets), device)[None],
-            raw_category=_tensor(events.category, device)[None],
-            modality=_tensor(events.modality, device)[None],
-            time_s=_tensor(events.time_s, device)[None],
-            target_item=_tensor(hash_buckets(candidates.item, cfg.item_buckets), device)[None],
-            target_category=_tensor(hash_buckets(candidates.category, cfg.category_buckets), device)[None],
-            target_raw_category=_tensor(candidates.category, device)[None],
-            target_modality=_tensor(candidates.modality, device)[None],
-            target_time_s=torch.full((1, n), read_at, dtype=torch.float64, device=device),
-            visible=torch.full((1, n), length, dtype=torch.int64, device=device),
-            label=torch.zeros(1, n, device=device),
-            target_mask=torch.ones(1, n, dtype=torch.bool, device=device),
+        # One user's events and the candidates as a user batch of one row.
+        row = UserBatch(
+            item=events.item[None], action=events.action[None], category=events.category[None],
+            modality=events.modality[None], time_s=events.time_s[None], event_mask=np.ones((1, length), bool),
+            target_item=candidates.item[None], target_category=candidates.category[None],
+            target_modality=candidates.modality[None], target_time_s=np.full((1, n), read_at),
+            visible=np.full((1, n), length), label=np.zeros((1, n), np.float32),
+            target_mask=np.ones((1, n), bool), sample_index=np.arange(n)[None], user=np.zeros(1, np.int64),
         )
+        batch = TensorBatch.from_numpy(row, cfg, self.codebooks.device)
         features = self.behavior_features(batch.item, batch.action, batch.category, batch.modality)
         targets = self.target_features(batch.target_item, batch.target_category, batch.target_modality)
         queries = self.split_heads(self.query(targets)).double()
