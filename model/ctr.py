@@ -37,6 +37,19 @@ class TensorBatch:
     visible: torch.Tensor  # (B, T) events [0, visible) of the row
     label: torch.Tensor  # (B, T) float32
     target_mask: torch.Tensor  # (B, T) bool
+    # (B,) when every target of row b sees exactly events [0, row_length[b]) and comes no
+    # earlier than the newest of them (whole-history rows: the decay kernel factorises, see
+    # model/attention.py); None otherwise.
+    row_length: torch.Tensor | None = None
+
+    @staticmethod
+    def whole_history_rows(batch) -> np.ndarray | None:
+        """row_length of a ``UserBatch`` if all its rows are whole-history rows, else None."""
+        length = batch.visible.max(axis=1)
+        same_prefix = np.all((batch.visible == length[:, None]) | ~batch.target_mask)
+        last = np.take_along_axis(batch.time_s, np.maximum(length - 1, 0)[:, None], axis=1)
+        after = np.all((batch.target_time_s >= last) | ~batch.target_mask | (length[:, None] == 0))
+        return length if same_prefix and after else None
 
     @classmethod
     def from_numpy(cls, batch, config: ModelConfig, device: torch.device) -> "TensorBatch":
@@ -60,6 +73,7 @@ class TensorBatch:
             visible=tensor(batch.visible),
             label=tensor(batch.label.astype(np.float32)),
             target_mask=tensor(batch.target_mask),
+            row_length=None if (rows := cls.whole_history_rows(batch)) is None else tensor(rows),
         )
 
 
@@ -95,6 +109,14 @@ class CTRModel(nn.Module):
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
                 else:
                     parameter.zero_()
+            # Start the query as the key's view of the same features, so that attention begins
+            # as embedding similarity (same item, same category score high) and training
+            # refines it; from random, unrelated projections a target over 10^4 behaviors gets
+            # almost no gradient towards the few that match it.
+            cfg = self.config
+            item = slice(0, cfg.item_dim)
+            context = slice(cfg.item_dim + cfg.action_dim, cfg.behavior_dim)
+            self.query.weight.copy_(torch.cat([self.key.weight[:, item], self.key.weight[:, context]], dim=1))
 
     # -- features (all inputs hashed already) -------------------------------------------------
 

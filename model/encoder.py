@@ -8,6 +8,7 @@ the same attention over one user's raw events, the reference the state scorer mu
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vql.model.artifact import ArtifactError, load_artifact, save_artifact
-from vql.model.attention import decay_log_kernel, masked_attention, prefix_mask
+from vql.model.attention import (
+    code_sum_attention,
+    decay_log_kernel,
+    decayed_attention,
+    masked_attention,
+    prefix_mask,
+    whole_history_decays,
+)
 from vql.model.config import ModelConfig
 from vql.model.ctr import CTRModel, TensorBatch
 from vql.model.datasets import UserBatch
@@ -92,21 +100,32 @@ class VQLModel(CTRModel):
         return torch.softmax(self.rate_logits, dim=-1)
 
     def interest(self, batch: TensorBatch, events: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
         dtype = queries.dtype
-        keys = self.keys(events)
+        raw_keys = self.keys(events)  # (B, L, G, group_dim)
         if self.quantize:
-            codes = self.assign_codes(keys.detach())
-            chosen = self.quantized(keys, codes)
+            codes = self.assign_codes(raw_keys.detach())
+            chosen = self.quantized(raw_keys, codes)
             if self.training:
-                seen = prefix_mask(batch.visible, keys.shape[1]).any(dim=1)  # (B, L)
-                error = ((keys - chosen.detach()) ** 2).sum(-1).mean(-1)  # (B, L)
+                seen = prefix_mask(batch.visible, raw_keys.shape[1]).any(dim=1)  # (B, L)
+                error = ((raw_keys - chosen.detach()) ** 2).sum(-1).mean(-1)  # (B, L)
                 self._commitment = (error * seen).sum() / seen.sum().clamp(min=1)
-                self._last_keys, self._last_codes = keys.detach()[seen], codes[seen]
-            keys = chosen
-        keys = keys.to(dtype).reshape(*keys.shape[:2], self.config.heads, self.config.head_dim)
+                self._last_keys, self._last_codes = raw_keys.detach()[seen], codes[seen]
         values = self.split_heads(self.value(events)).to(dtype)
+        rates, log_mixture = self.decay_rates.to(dtype), torch.log_softmax(self.rate_logits, -1).to(dtype)
+        per_head = (*raw_keys.shape[:2], cfg.heads, cfg.head_dim)
+        if batch.row_length is not None:  # whole-history rows: the factorised kernel
+            event_weight, target_weight = whole_history_decays(
+                batch.time_s.to(dtype), batch.row_length, batch.target_time_s.to(dtype), rates, log_mixture)
+            keys = raw_keys.to(dtype).reshape(per_head)
+            if not self.quantize:
+                return decayed_attention(queries, keys, values, event_weight, target_weight)
+            head_codes = codes.repeat_interleave(cfg.heads_per_group, dim=-1)  # (B, L, H)
+            code_keys = self.codebooks.to(dtype).transpose(0, 1).reshape(cfg.codes, cfg.heads, cfg.head_dim)
+            return code_sum_attention(queries, keys, head_codes, code_keys, values, event_weight, target_weight)
+        keys = (chosen if self.quantize else raw_keys).to(dtype).reshape(per_head)
         dt = (batch.target_time_s[:, :, None] - batch.time_s[:, None, :]).clamp(min=0).to(dtype)
-        log_kernel = decay_log_kernel(dt, self.decay_rates.to(dtype), torch.log_softmax(self.rate_logits, -1).to(dtype))
+        log_kernel = decay_log_kernel(dt, rates, log_mixture)
         mask = prefix_mask(batch.visible, events.shape[1])
         return masked_attention(queries, keys, values, mask, log_kernel)
 
@@ -161,7 +180,8 @@ class VQLModel(CTRModel):
             visible=np.full((1, n), length), label=np.zeros((1, n), np.float32),
             target_mask=np.ones((1, n), bool), sample_index=np.arange(n)[None], user=np.zeros(1, np.int64),
         )
-        batch = TensorBatch.from_numpy(row, cfg, self.codebooks.device)
+        # The per-event formula, not the per-code sums: this is the reference they must equal.
+        batch = replace(TensorBatch.from_numpy(row, cfg, self.codebooks.device), row_length=None)
         features = self.behavior_features(batch.item, batch.action, batch.category, batch.modality)
         targets = self.target_features(batch.target_item, batch.target_category, batch.target_modality)
         queries = self.split_heads(self.query(targets)).double()
