@@ -135,6 +135,34 @@ def _bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from vql.model.artifact import ArtifactError
+    from vql.serving.errors import StoreUnavailable
+    from vql.serving.follower import TopicMissing
+    from vql.serving.service import run_service
+    from vql.serving.settings import ServingSettings
+    from vql.streams.topics import BrokerUnavailable
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
+    try:
+        run_service(settings, ServingSettings(**overrides), follow=not args.no_follow)
+    except (ArtifactError, StoreUnavailable, TopicMissing, BrokerUnavailable, ValidationError) as exc:
+        print(f"vql serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bench_score(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.score import run
+
+    run(lengths=args.lengths, candidates=args.candidates, seconds=args.seconds, plot=args.plot,
+        http_rate=args.http_rate, http_seconds=args.http_seconds)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vql",
@@ -203,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--top", type=int, default=10)
     score.set_defaults(handler=_score)
 
+    serve = commands.add_parser(
+        "serve", help="the HTTP scoring service over a local view of user-states",
+        description="Restore a local RocksDB copy of the states topic, follow it, and serve "
+        "POST /v1/score, GET /v1/health and GET /openapi.json (docs/serving.md). "
+        "Settings: VQL_SERVE_* and VQL_KAFKA_BOOTSTRAP, VQL_STATES_TOPIC, VQL_MODEL_PATH.")
+    serve.add_argument("--host", default=None, help="bind address (default: $VQL_SERVE_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: $VQL_SERVE_PORT or 8080)")
+    serve.add_argument("--no-follow", action="store_true",
+                       help="serve the local copy as it is on disk, without a broker (nothing is flagged stale)")
+    serve.set_defaults(handler=_serve)
+
     bench = commands.add_parser("bench", help="benchmarks (one JSON line per figure)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     encode = bench_commands.add_parser("encode", help="code assignment throughput (events/s)",
@@ -225,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--timeout", type=float, default=600.0)
     pipeline.add_argument("--work-dir", type=Path, default=Path(".vql/bench"))
     pipeline.set_defaults(handler=_bench_pipeline)
+    score_bench = bench_commands.add_parser(
+        "score", help="scoring latency p50/p99 from a state vs full attention and top-k retrieval",
+        description="Latency of scoring N candidates for one user at history length L, on one "
+        "CPU thread: vql (the serving client: local store read, decode, numpy scorer), full "
+        "(exact attention over the raw history, unquantized keys) and topk (SIM-hard: the k "
+        "newest same-category events, then attention); state_bytes per L; with --http-rate, "
+        "the HTTP service's latency at a fixed request rate from a loopback load generator.")
+    score_bench.add_argument("--lengths", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    score_bench.add_argument("--candidates", type=int, nargs="+", default=[1, 100, 1000])
+    score_bench.add_argument("--seconds", type=float, default=2.0,
+                             help="time budget per (method, L, N) cell; at least 3 repeats are always taken")
+    score_bench.add_argument("--plot", type=Path, default=None, help="write a latency-vs-L plot (PNG) here")
+    score_bench.add_argument("--http-rate", type=float, default=100.0, help="requests/s offered to the service (0: skip)")
+    score_bench.add_argument("--http-seconds", type=float, default=10.0, help="length of the HTTP run")
+    score_bench.set_defaults(handler=_bench_score)
     return parser
 
 

@@ -153,11 +153,12 @@ class BatchProcessor:
         result.store_s = time.perf_counter() - started
         return result
 
-    def commit(self, result: BatchResult) -> None:
-        """Persist a processed batch: states and processed offset, one WriteBatch a partition."""
+    def commit(self, result: BatchResult, changelog_offsets: dict[int, int] | None = None) -> None:
+        """Persist a processed batch: states, processed offset and, once published, the
+        changelog offset they reach; one WriteBatch a partition."""
         started = time.perf_counter()
         for partition, states, offset in result.writes:
-            self.store(partition).write(states, offset)
+            self.store(partition).write(states, offset, (changelog_offsets or {}).get(partition))
         result.store_s += time.perf_counter() - started
 
     def _apply_partition(

@@ -22,6 +22,7 @@ from vql.schemas.user_state import StateFormatError, UserState, decode_user_stat
 _META = b"\x00meta/"
 _MODEL_KEY = _META + b"model_version"
 _OFFSET_KEY = _META + b"processed_offset"
+_CHANGELOG_KEY = _META + b"changelog_offset"
 _USER = b"u/"
 
 
@@ -62,17 +63,27 @@ class PartitionStore:
         except StateFormatError as exc:
             raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
 
-    def write(self, states: Sequence[UserState], processed_offset: int) -> None:
-        """Persist states and the partition's processed offset atomically (one WriteBatch)."""
+    def write(self, states: Sequence[UserState], processed_offset: int | None,
+              changelog_offset: int | None = None) -> None:
+        """Persist states, the partition's processed offset and the offset of the changelog
+        (the published states topic) they reach, atomically (one WriteBatch)."""
         batch = WriteBatch(raw_mode=True)
         for state in states:
             batch.put(_USER + state.user_id.encode(), encode_user_state(state, np.float64))
-        batch.put(_OFFSET_KEY, str(processed_offset).encode())
+        if processed_offset is not None:
+            batch.put(_OFFSET_KEY, str(processed_offset).encode())
+        if changelog_offset is not None:
+            batch.put(_CHANGELOG_KEY, str(changelog_offset).encode())
         self._db.write(batch)
 
     def processed_offset(self) -> int | None:
         """The last input offset whose batch was written, or None for a new store."""
         raw = self._db.get(_OFFSET_KEY)
+        return None if raw is None else int(raw)
+
+    def changelog_offset(self) -> int | None:
+        """The last offset of the partition's changelog this store holds, or None."""
+        raw = self._db.get(_CHANGELOG_KEY)
         return None if raw is None else int(raw)
 
     def states(self) -> Iterator[UserState]:

@@ -73,17 +73,24 @@ def producer(bootstrap: str) -> KafkaProducer:
     )
 
 
-def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0, with_timestamps: bool = False) -> Iterator[tuple]:
-    """Every record now in ``topic`` as (partition, offset, key, value, headers), then stop;
-    with ``with_timestamps``, the record's timestamp (ms) is a sixth element."""
-    consumer = KafkaConsumer(
+def reader(bootstrap: str, **options) -> KafkaConsumer:
+    """A group-less consumer that reads topics from the beginning and commits nothing: the
+    readers of this project (tools, tests, ranking backends' state views) track their own
+    positions. Fetch limits fit the largest records here (states, dead letters)."""
+    return KafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        consumer_timeout_ms=int(idle_s * 1000),
         max_partition_fetch_bytes=16 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
+        **options,
     )
+
+
+def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0, with_timestamps: bool = False) -> Iterator[tuple]:
+    """Every record now in ``topic`` as (partition, offset, key, value, headers), then stop;
+    with ``with_timestamps``, the record's timestamp (ms) is a sixth element."""
+    consumer = reader(bootstrap, consumer_timeout_ms=int(idle_s * 1000))
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         if not partitions:
@@ -113,13 +120,7 @@ class CompactedView:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.values: dict[bytes, bytes] = {}
-        self._consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
-        )
+        self._consumer = reader(bootstrap)
         partitions = self._consumer.partitions_for_topic(topic) or set()
         self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
 

@@ -97,7 +97,7 @@ def test_a_rewound_batch_neither_moves_the_offset_back_nor_dead_letters_again(pr
 
 def test_a_dead_letter_larger_than_the_limit_is_cut_and_says_so():
     from vql.schemas.decode import Rejection
-    from vql.streams.app import dead_letter
+    from vql.streams.consumer import dead_letter
     from vql.streams.processor import DeadLetter
 
     letter = DeadLetter(RawRecord(3, 77, b"k", b"x" * 5000), Rejection(Reason.OVERSIZED, "too big"))

@@ -1,0 +1,221 @@
+"""The worker's hot path: `behaviors` -> micro-batches -> states, straight on aiokafka.
+
+Faust hosts the worker (lifecycle, signals, web server, sensors), but records do not go
+through Faust streams: their per-message path (fetcher, conductor, channel, ack) costs more
+than everything else together and capped a worker at about 4,500 events/s on 2 cores
+(docs/performance.md). This service polls whole fetches with ``getmany`` and works per batch.
+
+Order of work per micro-batch, what makes at-least-once delivery safe (design/pipeline.md):
+
+1. process: decode, encode, fold into states (nothing durable yet);
+2. publish the changed states (co-partitioned, as whole producer batches) and the dead
+   letters, and wait until Kafka has them all;
+3. write states + processed offset + changelog offset in one RocksDB WriteBatch a partition;
+4. commit the input offsets.
+
+A crash between any two steps redelivers the batch; per-user applied offsets make the second
+application a no-op. A partition assigned to this worker is first brought up to date from its
+changelog, the states topic (streams/changelog.py), so that it arrives with its state from
+whichever worker or host owned it before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import mode
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from vql.schemas.user_state import UserState, encode_user_state
+from vql.streams.changelog import restore_partition
+from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter, RawRecord
+from vql.streams.settings import Settings
+
+log = logging.getLogger("vql.worker")
+
+
+def dead_letter(letter: DeadLetter, source_topic: str, max_bytes: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+    """The DLQ contract: the original value and headers with a machine-readable reason and
+    where the original record came from. A value over ``max_bytes`` is cut (and the headers
+    say so), so that no record can make the dead-letter publish itself fail."""
+    value = letter.record.value
+    headers = [
+        ("reason", letter.rejection.reason.value.encode()),
+        ("detail", letter.rejection.detail.encode("utf-8", "replace")),
+        ("source_topic", source_topic.encode()),
+        ("source_partition", str(letter.record.partition).encode()),
+        ("source_offset", str(letter.record.offset).encode()),
+    ]
+    if value is not None and len(value) > max_bytes:
+        headers += [("truncated", b"1"), ("original_bytes", str(len(value)).encode())]
+        value = value[:max_bytes]
+    return value, headers
+
+
+class Publisher:
+    """Publishes a batch's states and dead letters; knows nothing of consuming."""
+
+    def __init__(self, producer: AIOKafkaProducer, settings: Settings) -> None:
+        self.producer = producer
+        self.settings = settings
+
+    async def publish(self, result: BatchResult) -> dict[int, int]:
+        """Send everything and wait for Kafka's acknowledgements; returns, per partition, the
+        last offset the states reached in the states topic (the changelog offset)."""
+        deliveries: list[tuple[int, int, asyncio.Future]] = []
+        timestamp_ms = int(time.time() * 1000)
+        for partition, states, _offset in result.writes:
+            for count, batch in self._batches(states, timestamp_ms):
+                future = await self.producer.send_batch(batch, self.settings.states_topic, partition=partition)
+                deliveries.append((partition, count, future))
+        letters = []
+        for letter in result.dead_letters:
+            value, headers = dead_letter(letter, self.settings.behaviors_topic, self.settings.max_dead_letter_bytes)
+            letters.append(await self.producer.send(self.settings.dlq_topic, value, key=letter.record.key,
+                                                    headers=headers))
+        reached: dict[int, int] = {}
+        for (partition, count, _future), metadata in zip(deliveries, await asyncio.gather(*(d[2] for d in deliveries))):
+            reached[partition] = max(reached.get(partition, -1), metadata.offset + count - 1)
+        await asyncio.gather(*letters)
+        return reached
+
+    def _batches(self, states: list[UserState], timestamp_ms: int):
+        """Producer batches of encoded states, each as large as the producer allows."""
+        batch, count = self.producer.create_batch(), 0
+        for state in states:
+            key, value = state.user_id.encode(), encode_user_state(state, np.float32)
+            if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
+                yield count, batch
+                batch, count = self.producer.create_batch(), 0
+                if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
+                    raise ValueError(f"state of {state.user_id!r} ({len(value)} B) exceeds the producer batch size")
+            count += 1
+        if count:
+            yield count, batch
+
+
+class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
+    """Consumes `behaviors` in the app's consumer group and applies it batch by batch."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        processor: BatchProcessor,
+        on_batch: Callable[[BatchResult, list, float, float], None],
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.processor = processor
+        self.on_batch = on_batch
+        self.status = "starting"  # starting -> ready; recovering while partitions move
+        self._lock = asyncio.Lock()  # held for a whole batch, and by rebalance callbacks
+        self._consumer: AIOKafkaConsumer | None = None
+        self._publisher: Publisher | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        s = self.settings
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5,
+            max_batch_size=1024 * 1024,
+            # Room for a dead letter of max_dead_letter_bytes plus its headers.
+            max_request_size=s.max_dead_letter_bytes + 1024 * 1024,
+        )
+        await producer.start()
+        self._publisher = Publisher(producer, s)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap, group_id=s.app_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", max_poll_records=s.batch_size,
+            fetch_max_wait_ms=int(s.batch_window_s * 1000),
+            max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+            session_timeout_ms=int(s.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([s.behaviors_topic], listener=self)
+
+    async def on_stop(self) -> None:
+        # Let the batch in flight finish (publish, write, commit) before anything closes.
+        async with self._lock:
+            if self._consumer is not None:
+                await self._consumer.stop()
+            if self._publisher is not None:
+                await self._publisher.producer.stop()
+            self.processor.close()
+
+    # -- rebalancing (aiokafka calls these between polls) -------------------------------------
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        self.status = "recovering"
+        async with self._lock:  # the batch in flight is committed before the partitions go
+            self.processor.release([tp.partition for tp in revoked])
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        self.status = "recovering"
+        async with self._lock:
+            for tp in sorted(assigned):
+                store = self.processor.store(tp.partition)
+                await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
+                                        tp.partition, self.processor.model_version)
+        self.status = "ready"
+
+    def highwater(self, partition: int) -> int | None:
+        if self._consumer is None:
+            return None
+        return self._consumer.highwater(TopicPartition(self.settings.behaviors_topic, partition))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    @mode.Service.task
+    async def _run(self) -> None:
+        window_ms = int(self.settings.batch_window_s * 1000)
+        while not self.should_stop:
+            fetched = await self._consumer.getmany(timeout_ms=window_ms, max_records=self.settings.batch_size)
+            if not fetched:
+                continue
+            async with self._lock:
+                if self.should_stop:
+                    return  # not committed: the next owner gets these records again
+                await self._apply(fetched)
+
+    async def _apply(self, fetched: dict) -> None:
+        owned = self._consumer.assignment()
+        records, timestamps = [], []
+        for tp, messages in fetched.items():
+            if tp not in owned:
+                continue  # revoked while we waited for the lock: the new owner has them
+            for m in messages:
+                records.append(RawRecord(m.partition, m.offset, m.key, m.value))
+                timestamps.append(m.timestamp)
+        if not records:
+            return
+        started = time.perf_counter()
+        result = self.processor.process(records)
+        processed = time.perf_counter()
+        changelog = await self._publisher.publish(result)
+        published = time.perf_counter()
+        self.processor.commit(result, changelog)
+        offsets = {TopicPartition(self.settings.behaviors_topic, p): o + 1 for p, _s, o in result.writes}
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group moved on (a rebalance): the records come again to their new owner,
+            # whose applied offsets make them no-ops. Nothing is lost.
+            log.warning("offset commit failed, the batch will be redelivered: %s", exc)
+        self.status = "ready"
+        self.on_batch(result, timestamps, processed - started, published - processed)
+        log.info(
+            "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published; "
+            "process %.0f ms (encode %.0f), publish %.0f ms, store+commit %.0f ms",
+            len(records), result.applied, result.duplicates, len(result.dead_letters), len(result.states),
+            (processed - started) * 1e3, result.encode_s * 1e3, (published - processed) * 1e3,
+            (time.perf_counter() - published) * 1e3,
+        )
