@@ -10,11 +10,10 @@ from itertools import islice
 
 import numpy as np
 
-from vql.bench.encode import sample_columns
+from vql.bench.history import synthetic_history
 from vql.bench.report import emit
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
-from vql.model.state import apply_events, empty_state
 from vql.schemas.user_state import encode_user_state
 from vql.streams.demo_events import DemoSpec, generate
 
@@ -30,16 +29,10 @@ def mean_event_bytes(sample: int = 1000) -> float:
 def run(lengths: list[int]) -> None:
     config = ModelConfig()
     model = VQLModel(config).eval()
-    rates = np.asarray(config.decay_rates)
     user = "user-000000"
     event_bytes = mean_event_bytes()
     for length in lengths:
-        state = empty_state(user, "0" * 16, (config.groups, config.codes, config.rates, config.group_dim))
-        for start in range(0, length, 65536):
-            columns = sample_columns(min(65536, length - start), seed=start)
-            codes, values = model.encode(columns)
-            apply_events([state], np.zeros(len(columns), np.int64), codes, values.astype(np.float64),
-                         columns.time_s, rates)
+        state, _ = synthetic_history(model, "0" * 16, user, length)
         size = len(encode_user_state(state, np.float32))
         emit("state_size", "state_bytes", size, "B", L=length, cells=state.occupied_cells,
              max_cells=config.groups * config.codes * config.rates, user_id_bytes=len(user))

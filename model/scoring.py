@@ -70,6 +70,12 @@ class Scorer:
             axis=1,
         )
 
+    def queries(self, targets: np.ndarray) -> np.ndarray:
+        """q_h of every candidate, (H, N, d_h), from its features (:meth:`target_features`);
+        the benchmarks' raw-history baselines attend with the same queries."""
+        cfg = self.config
+        return (targets @ self._query).reshape(-1, cfg.heads, cfg.head_dim).transpose(1, 0, 2)
+
     def fold_rates(self, state: UserState, now_s: float) -> tuple[np.ndarray, np.ndarray]:
         """Per head: Zbar (H, K) and Mbar (H, K, d_h), the rate-mixed counts and sums.
 
@@ -95,7 +101,7 @@ class Scorer:
             )
         cfg = self.config
         targets = self.target_features(candidates)
-        queries = (targets @ self._query).reshape(-1, cfg.heads, cfg.head_dim).transpose(1, 0, 2)
+        queries = self.queries(targets)
         z_bar, m_bar = self.fold_rates(state, now_s)
         logits = queries @ self._head_codes.transpose(0, 2, 1) / np.sqrt(cfg.head_dim)  # (H, N, K)
         logits -= logits.max(-1, keepdims=True)

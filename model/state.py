@@ -70,7 +70,6 @@ def apply_events(
     users = [states[i] for i in touched]
 
     ell = np.stack([s.log_count for s in users])  # (U, G, K, R)
-    mean = np.stack([s.mean for s in users])  # (U, G, K, R, D)
     had_events = np.fromiter((s.event_count > 0 for s in users), bool, len(users))
     old_t0 = np.fromiter((s.landmark_t0 for s in users), np.float64, len(users))
     batch_latest = np.full(len(users), -np.inf)
@@ -94,7 +93,16 @@ def apply_events(
     target = cell[starts]
 
     flat_ell = ell.reshape(-1)
-    flat_mean = mean.reshape(-1, dim)
+    # Means are (G, K, R, D) per user but a batch touches few cells of each: gather and
+    # scatter only those, user by user, rather than stacking every user's whole array.
+    cells_per_user = groups * n_codes * n_rates
+    bounds = np.searchsorted(target, np.arange(len(users) + 1) * cells_per_user)
+    own_cell = target - np.repeat(np.arange(len(users)) * cells_per_user, np.diff(bounds))
+    for state in users:
+        if not (state.mean.flags.c_contiguous and state.mean.flags.writeable):
+            state.mean = np.array(state.mean)  # reshape below must be a view we can write to
+    flat_means = [state.mean.reshape(-1, dim) for state in users]
+    old_mean = np.concatenate([m[own_cell[lo:hi]] for m, lo, hi in zip(flat_means, bounds[:-1], bounds[1:])])
     old = flat_ell[target]
     peak = np.maximum(old, np.maximum.reduceat(a, starts))
     weight = np.exp(a - np.repeat(peak, np.diff(np.r_[starts, a.shape[0]])))
@@ -102,7 +110,9 @@ def apply_events(
     total = keep + np.add.reduceat(weight, starts)
     new_ell = peak + np.log(total)
     weighted = np.add.reduceat(weight[:, None] * v, starts, axis=0)
-    flat_mean[target] = (keep[:, None] * flat_mean[target] + weighted) / total[:, None]
+    new_mean = (keep[:, None] * old_mean + weighted) / total[:, None]
+    for m, lo, hi in zip(flat_means, bounds[:-1], bounds[1:]):
+        m[own_cell[lo:hi]] = new_mean[lo:hi]
     flat_ell[target] = new_ell
 
     counts = np.bincount(local, minlength=len(users))
@@ -112,7 +122,6 @@ def apply_events(
         np.maximum.at(latest_offsets, local, offsets)
     for row, state in enumerate(users):
         state.log_count = ell[row]
-        state.mean = mean[row]
         state.landmark_t0 = float(new_t0[row])
         state.last_event_time = float(new_t0[row])
         state.event_count += int(counts[row])

@@ -25,6 +25,7 @@ class Reason(str, Enum):
     KEY_MISMATCH = "key_mismatch"
     FUTURE_EVENT_TIME = "future_event_time"
     EVENT_TIME_BEFORE_HORIZON = "event_time_before_horizon"
+    DUPLICATE_EVENT_ID = "duplicate_event_id"  # judged by the processor, against the user's recent ids
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from vql.streams.topics import BrokerUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its connection chatter is not the service's news
     overrides = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
     try:
         run_service(settings, ServingSettings(**overrides), follow=not args.no_follow)

@@ -8,6 +8,7 @@ one WriteBatch per partition (streams/state_store.py).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import numpy as np
 from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns
 from vql.model.state import apply_events, empty_state
-from vql.schemas.decode import EventPolicy, Rejection, decode_event
+from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.events import BehaviorEvent
 from vql.schemas.user_state import UserState
 from vql.streams.state_store import PartitionStore, partition_store_path
@@ -46,6 +47,7 @@ class BatchResult:
 
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: list[tuple[int, list[UserState], int]] = field(default_factory=list)
+    event_ids: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # partition -> user -> window
     applied: int = 0
     duplicates: int = 0
     encode_s: float = 0.0
@@ -69,6 +71,7 @@ class BatchProcessor:
         topic: str,
         policy: EventPolicy,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        event_id_window: int = 256,
     ) -> None:
         self.model = model
         self.model_version = model_version
@@ -76,6 +79,7 @@ class BatchProcessor:
         self.topic = topic
         self.policy = policy
         self.clock_ms = clock_ms
+        self.event_id_window = event_id_window  # recent event ids kept per user; 0: no id check
         cfg = model.config
         self._shape = (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)
         self._decay = np.asarray(cfg.decay_rates)
@@ -158,7 +162,8 @@ class BatchProcessor:
         changelog offset they reach; one WriteBatch a partition."""
         started = time.perf_counter()
         for partition, states, offset in result.writes:
-            self.store(partition).write(states, offset, (changelog_offsets or {}).get(partition))
+            self.store(partition).write(states, offset, (changelog_offsets or {}).get(partition),
+                                        result.event_ids.get(partition))
         result.store_s += time.perf_counter() - started
 
     def _apply_partition(
@@ -177,15 +182,66 @@ class BatchProcessor:
         user_ids = [events[i].user_id for i in rows]
         users = sorted(set(user_ids))
         slot = {u: i for i, u in enumerate(users)}
-        stored = self.store(partition).load(users)
+        store = self.store(partition)
+        stored = store.load(users)
         states = [s or empty_state(u, self.model_version, self._shape) for u, s in zip(users, stored)]
         owner = np.fromiter((slot[u] for u in user_ids), np.int64, rows.size)
         offsets = np.fromiter((kept[i].offset for i in rows), np.int64, rows.size)
+        keep = np.ones(rows.size, dtype=bool)
+        if self.event_id_window:
+            keep = self._drop_repeated_ids(partition, rows, events, kept, states, owner, offsets, users, result)
         applied = apply_events(
-            states, owner, codes[rows], values[rows].astype(np.float64), columns.time_s[rows],
-            self._decay, offsets,
+            states, owner[keep], codes[rows[keep]], values[rows[keep]].astype(np.float64), columns.time_s[rows[keep]],
+            self._decay, offsets[keep],
         )
         result.applied += int(applied.sum())
         result.duplicates += int((~applied).sum())
-        changed = np.unique(owner[applied])
+        changed = np.unique(owner[keep][applied])
         return [states[i] for i in changed]
+
+    def _drop_repeated_ids(
+        self,
+        partition: int,
+        rows: np.ndarray,
+        events: list[BehaviorEvent],
+        kept: list[RawRecord],
+        states: list[UserState],
+        owner: np.ndarray,
+        offsets: np.ndarray,
+        users: list[str],
+        result: BatchResult,
+    ) -> np.ndarray:
+        """Dead-letter events whose id the user already sent (within the last
+        ``event_id_window`` ids); returns the mask of rows to apply.
+
+        Only rows above the user's applied offset are judged: a row at or below it is a
+        redelivery of this very record, which the offsets already make a no-op.
+        """
+        windows = self.store(partition).load_event_ids(users)
+        floor = np.fromiter((s.applied_offset for s in states), np.int64, len(states))
+        keep = np.ones(rows.size, dtype=bool)
+        seen = [set(w.tolist()) for w in windows]
+        added: list[list[int]] = [[] for _ in users]
+        for j in np.argsort(offsets, kind="stable"):
+            u = owner[j]
+            if offsets[j] <= floor[u]:
+                continue
+            fingerprint = _fingerprint(events[rows[j]].event_id)
+            if fingerprint in seen[u]:
+                keep[j] = False
+                result.dead_letters.append(DeadLetter(kept[rows[j]], Rejection(
+                    Reason.DUPLICATE_EVENT_ID,
+                    f"event_id {events[rows[j]].event_id!r} was already received for this user")))
+            else:
+                seen[u].add(fingerprint)
+                added[u].append(fingerprint)
+        result.event_ids[partition] = {
+            users[u]: np.concatenate([windows[u], np.asarray(ids, np.uint64)])[-self.event_id_window:]
+            for u, ids in enumerate(added) if ids
+        }
+        return keep
+
+
+def _fingerprint(event_id: str) -> int:
+    """A stable 64-bit fingerprint of an event id (Python's hash() changes per process)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
         15 * 1024 * 1024, ge=1024,
         description="a dead letter's value is cut to this size (headers say so): the DLQ never refuses a record",
     )
+    event_id_window: int = Field(
+        256, ge=0,
+        description="recent event ids remembered per user: a repeated one is dead-lettered (0: no check)",
+    )
     max_future_skew_s: float = Field(3600.0, ge=0, description="reject events further ahead than this")
     min_event_time_ms: int = Field(946_684_800_000, ge=0, description="reject events before this")
 

@@ -24,6 +24,7 @@ _MODEL_KEY = _META + b"model_version"
 _OFFSET_KEY = _META + b"processed_offset"
 _CHANGELOG_KEY = _META + b"changelog_offset"
 _USER = b"u/"
+_EVENT_IDS = b"e/"  # per user: fingerprints of the most recent event ids, oldest first
 
 
 class StoreError(RuntimeError):
@@ -63,13 +64,20 @@ class PartitionStore:
         except StateFormatError as exc:
             raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
 
+    def load_event_ids(self, user_ids: Sequence[str]) -> list[np.ndarray]:
+        """Each user's recent event-id fingerprints (uint64, oldest first; empty if none)."""
+        raw = self._db.get([_EVENT_IDS + u.encode() for u in user_ids])
+        return [np.empty(0, np.uint64) if blob is None else np.frombuffer(blob, "<u8") for blob in raw]
+
     def write(self, states: Sequence[UserState], processed_offset: int | None,
-              changelog_offset: int | None = None) -> None:
-        """Persist states, the partition's processed offset and the offset of the changelog
-        (the published states topic) they reach, atomically (one WriteBatch)."""
+              changelog_offset: int | None = None, event_ids: dict[str, np.ndarray] | None = None) -> None:
+        """Persist states, users' recent event ids, the partition's processed offset and the
+        offset of the changelog (the published states topic) they reach, atomically."""
         batch = WriteBatch(raw_mode=True)
         for state in states:
             batch.put(_USER + state.user_id.encode(), encode_user_state(state, np.float64))
+        for user_id, fingerprints in (event_ids or {}).items():
+            batch.put(_EVENT_IDS + user_id.encode(), fingerprints.astype("<u8").tobytes())
         if processed_offset is not None:
             batch.put(_OFFSET_KEY, str(processed_offset).encode())
         if changelog_offset is not None:

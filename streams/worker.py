@@ -27,7 +27,8 @@ def load_processor(settings: Settings) -> BatchProcessor:
     model, version = VQLModel.load(settings.model_path, device)
     log.info("model %s loaded from %s on %s", version, settings.model_path, device)
     return BatchProcessor(
-        model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy()
+        model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy(),
+        event_id_window=settings.event_id_window,
     )
 
 

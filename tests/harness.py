@@ -21,7 +21,7 @@ from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns, Candidates
 from vql.model.scoring import Scorer
 from vql.model.state import apply_events, empty_state
-from vql.schemas.decode import EventPolicy, Rejection, decode_event
+from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.user_state import UserState, decode_user_state
 from vql.streams.demo import read_states, start_worker, stop_worker
 from vql.streams.settings import Settings
@@ -112,12 +112,15 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
     cfg = model.config
     policy: EventPolicy = settings.event_policy()
     now_ms = now_ms or int(time.time() * 1000)
-    events, rejected = [], {}
+    events, rejected, seen_ids = [], {}, set()
     for partition, offset, key, value, _headers in read_topic(settings.kafka_bootstrap, settings.behaviors_topic):
         decoded = decode_event(value, key, now_ms, policy)
+        if not isinstance(decoded, Rejection) and (decoded.user_id, decoded.event_id) in seen_ids:
+            decoded = Rejection(Reason.DUPLICATE_EVENT_ID, decoded.event_id)  # a user's id counts once
         if isinstance(decoded, Rejection):
             rejected[(partition, offset)] = decoded
         else:
+            seen_ids.add((decoded.user_id, decoded.event_id))
             events.append(decoded)
     users = sorted({e.user_id for e in events})
     slot = {u: i for i, u in enumerate(users)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import orjson
 import pytest
 
 from harness import Pipeline, compare, recompute
@@ -41,6 +42,15 @@ def test_every_bad_record_is_dead_lettered_and_every_good_one_applied(kafka_boot
     # Shuffled together, so that bad and good records share micro-batches.
     records = good + [(key, raw) for raw, key, _reason, _name in bad]
     records = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
+    # Duplicate event ids, after their originals: a producer's retry (the same bytes) and an
+    # id reused for another behavior.
+    for key, value in good[:3]:
+        records.append((key, value))
+        bad.append((value, key, Reason.DUPLICATE_EVENT_ID, "producer_retry"))
+    key, value = good[3]
+    reused = orjson.loads(value) | {"item_id": 123_456}
+    records.append((key, orjson.dumps(reused)))
+    bad.append((orjson.dumps(reused), key, Reason.DUPLICATE_EVENT_ID, "reused_event_id"))
     try:
         pipeline.start_worker()
         client = producer(kafka_bootstrap)

@@ -107,3 +107,37 @@ def test_a_dead_letter_larger_than_the_limit_is_cut_and_says_so():
     assert (h["reason"], h["source_partition"], h["source_offset"]) == (b"oversized", b"3", b"77")
     value, headers = dead_letter(letter, "behaviors", max_bytes=10_000)
     assert value == b"x" * 5000 and "truncated" not in dict(headers)
+
+
+def test_a_repeated_event_id_is_dead_lettered_but_a_redelivery_is_not(processor, tmp_path):
+    first = records(0, 0, [(b"a", event("a", 1, 5)), (b"a", event("a", 2, 4)), (b"a", event("a", 1, 5))])
+    result = processor.process(first)
+    assert [(d.record.offset, d.rejection.reason) for d in result.dead_letters] == [(2, Reason.DUPLICATE_EVENT_ID)]
+    assert result.applied == 2
+    processor.commit(result)
+    # the same id again in a later batch, and another user sending the same id string
+    later = processor.process(records(0, 3, [(b"a", event("a", 2, 4)), (b"b", event("a", 2, 4).replace(b'"user_id":"a"', b'"user_id":"b"'))]))
+    assert [(d.record.offset, d.rejection.reason) for d in later.dead_letters] == [(3, Reason.DUPLICATE_EVENT_ID)]
+    assert later.applied == 1
+    # a redelivery to a store restored from the changelog (states and ids, no processed
+    # offset) is a no-op, not a duplicate id
+    elsewhere = BatchProcessor(processor.model, "v" * 16, tmp_path / "elsewhere", "behaviors", EventPolicy(),
+                               clock_ms=lambda: NOW_MS)
+    elsewhere.store(0).write(processor.store(0).load(["a"]), None,
+                             event_ids={"a": processor.store(0).load_event_ids(["a"])[0]})
+    assert elsewhere.store(0).processed_offset() is None
+    again = elsewhere.process(first[:2])
+    assert again.dead_letters == [] and again.applied == 0 and again.duplicates == 2
+    elsewhere.close()
+
+
+def test_the_id_window_is_bounded(tmp_path):
+    model = VQLModel(ModelConfig(item_buckets=256, category_buckets=16))
+    proc = BatchProcessor(model, "v" * 16, tmp_path, "behaviors", EventPolicy(), clock_ms=lambda: NOW_MS,
+                          event_id_window=4)
+    proc.commit(proc.process(records(0, 0, [(b"a", event("a", i, 10 + i)) for i in range(6)])))
+    assert len(proc.store(0).load_event_ids(["a"])[0]) == 4
+    # ids 0 and 1 fell out of the window: accepted again; id 5 is still in it
+    result = proc.process(records(0, 6, [(b"a", event("a", 0, 10)), (b"a", event("a", 5, 15))]))
+    assert [d.record.offset for d in result.dead_letters] == [7]
+    proc.close()

@@ -1,0 +1,25 @@
+"""Settings of the scoring service (prefix VQL_SERVE_), apart from the worker's.
+
+The broker, the states topic and the model artifact come from :class:`vql.streams.settings.Settings`
+(VQL_KAFKA_BOOTSTRAP, VQL_STATES_TOPIC, VQL_MODEL_PATH), so a backend and the worker that
+feeds it read the same variables; docs/serving.md lists these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VQL_SERVE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address the scoring service binds (0.0.0.0 in containers)")
+    port: int = Field(8080, ge=1, le=65535, description="port of the scoring service")
+    dir: Path = Field(Path(".vql/serving"), description="the local RocksDB copy of the states topic")
+    max_lag: int = Field(1000, ge=0, description="states are stale when the view is more records behind than this")
+    max_silence_s: float = Field(10.0, gt=0, description="states are stale after this long without the broker")
+    max_candidates: int = Field(10_000, ge=1, description="largest candidate batch of one request")
+    restore_timeout_s: float = Field(120.0, gt=0, description="longest catch-up with the topic before serving")
