@@ -103,9 +103,11 @@ class Scorer:
         targets = self.target_features(candidates)
         queries = self.queries(targets)
         z_bar, m_bar = self.fold_rates(state, now_s)
-        logits = queries @ self._head_codes.transpose(0, 2, 1) / np.sqrt(cfg.head_dim)  # (H, N, K)
-        logits -= logits.max(-1, keepdims=True)
-        attention = np.exp(logits)
+        # Codes first, (H, K, N): the max over K then runs across N-wide rows, several times
+        # faster in numpy than over a 32-wide innermost axis; matmul reads the transpose.
+        logits = self._head_codes @ queries.transpose(0, 2, 1) / np.sqrt(cfg.head_dim)
+        logits -= logits.max(1, keepdims=True)
+        attention = np.exp(logits).transpose(0, 2, 1)  # (H, N, K)
         numerator = attention @ m_bar  # (H, N, d_h)
         denominator = attention @ z_bar[:, :, None]  # (H, N, 1)
         interest = np.divide(
@@ -114,8 +116,9 @@ class Scorer:
         return Scores(interest=interest, ctr=self._ctr(interest, targets))
 
     def _ctr(self, interest: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        hidden = np.concatenate([interest.reshape(interest.shape[0], -1), targets], axis=1)
+        """The MLP head in float32, the precision it was trained in (half the time of float64)."""
+        hidden = np.concatenate([interest.reshape(interest.shape[0], -1), targets], axis=1, dtype=np.float32)
         (w1, b1), (w2, b2) = self._mlp
         hidden = np.maximum(hidden @ w1 + b1, 0.0)
-        logit = (hidden @ w2 + b2)[:, 0]
+        logit = (hidden @ w2 + b2)[:, 0].astype(np.float64)
         return 1.0 / (1.0 + np.exp(-logit))

@@ -83,24 +83,29 @@ class StateFollower:
         """Read until no partition lags (True) or ``timeout_s`` passes (False): the restore on start."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.step(timeout_s=min(0.5, max(0.0, deadline - time.monotonic())))
+            self._tolerant_step(min(0.5, max(0.0, deadline - time.monotonic())))
             if self.status.total_lag == 0:
                 return True
         return False
 
     def start(self, interval_s: float = 0.5) -> None:
-        """Follow in a daemon thread until :meth:`stop`; a broker outage only ages the status."""
+        """Follow in a daemon thread until :meth:`stop`."""
 
         def follow() -> None:
             while not self._stop.is_set():
-                try:
-                    self.step(timeout_s=interval_s)
-                except KafkaError as exc:  # the status ages, and requests see it as staleness
-                    log.warning("state follower: %s", exc)
-                    self._stop.wait(interval_s)
+                self._tolerant_step(interval_s)
 
         self._thread = threading.Thread(target=follow, name="vql-state-follower", daemon=True)
         self._thread.start()
+
+    def _tolerant_step(self, timeout_s: float) -> None:
+        """A broker outage is not fatal: the status stops being refreshed, and its age is what
+        requests see as staleness."""
+        try:
+            self.step(timeout_s)
+        except KafkaError as exc:
+            log.warning("state follower: %s", exc)
+            self._stop.wait(timeout_s)
 
     def stop(self) -> None:
         self._stop.set()

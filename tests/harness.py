@@ -48,9 +48,14 @@ class Pipeline:
         ensure_topics(settings)
         return cls(settings)
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, host: str | None = None) -> subprocess.Popen:
+        """A worker process; with ``host``, its stores live in a data dir of their own, as on
+        another machine (by default all workers share one)."""
         index = len(list(self.settings.data_dir.glob("worker-*.log")))
-        worker = start_worker(self.settings, self.settings.data_dir / f"worker-{index}.log")
+        settings = self.settings
+        if host is not None:
+            settings = settings.model_copy(update={"data_dir": self.settings.data_dir / "hosts" / host})
+        worker = start_worker(settings, self.settings.data_dir / f"worker-{index}.log")
         self.workers.append(worker)
         return worker
 

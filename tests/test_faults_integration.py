@@ -78,6 +78,32 @@ def test_scale_out_to_three_workers_then_kill_one(kafka_bootstrap, tmp_path):
         pipeline.stop_all()
 
 
+def test_partitions_move_to_another_host_with_their_state(kafka_bootstrap, tmp_path):
+    """Workers on two "hosts" (separate data dirs): host a's worker dies for good, and its
+    partitions go to host b, whose stores start empty and are restored from the changelog."""
+    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=4)
+    records = list(generate(DemoSpec(users=300, mean_events=30, heavy_users=1, heavy_events=3000, seed=24),
+                            int(time.time() * 1000)))
+    first, second = chunks(records, 2)
+    try:
+        doomed = pipeline.start_worker(host="a")
+        total = produce(pipeline, first)
+        pipeline.wait_until_committed(total)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+        pipeline.workers.clear()
+        pipeline.start_worker(host="b")
+        total += produce(pipeline, second)
+        pipeline.wait_until_committed(total)
+        pipeline.stop_all()
+        restored = [line for line in (pipeline.settings.data_dir / "worker-1.log").read_text().splitlines() if "restored" in line]
+        print("\n".join(restored))
+        assert sum(int(line.split("restored ")[1].split()[0]) for line in restored) > 0
+        verify(pipeline, "partitions moved to another host (changelog restore)")
+    finally:
+        pipeline.stop_all()
+
+
 def test_broker_stop_and_restart_mid_stream(kafka_bootstrap, tmp_path):
     if os.environ.get("KAFKA_BOOTSTRAP"):
         pytest.skip("the broker is external: this test restarts the local jar broker")
