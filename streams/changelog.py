@@ -26,7 +26,7 @@ RESTORE_CHUNK = 2000  # states per WriteBatch while restoring
 
 
 async def restore_partition(
-    store: PartitionStore, bootstrap: str, topic: str, partition: int, model_version: str
+    store: PartitionStore, bootstrap: str, topic: str, partition: int, model_version: str, purpose: str = "assigned"
 ) -> int:
     """Bring ``store`` up to the end of ``topic``'s ``partition``; returns states restored.
 
@@ -44,10 +44,13 @@ async def restore_partition(
         held = store.changelog_offset()
         begin = (await consumer.beginning_offsets([tp]))[tp]
         start = begin if held is None else max(held + 1, begin)
+        pending, last = [], start - 1
         if start >= end:
+            if purpose != "standby":  # a standby round with nothing new says nothing
+                log.info("restored 0 states of %s partition %d (%s) from offset %d: up to date",
+                         topic, partition, purpose, start)
             return 0
         consumer.seek(tp, start)
-        pending, last = [], start - 1
         while last < end - 1:
             batches = await consumer.getmany(tp, timeout_ms=1000, max_records=RESTORE_CHUNK)
             for record in batches.get(tp, []):
@@ -69,8 +72,8 @@ async def restore_partition(
                 pending = []
         if foreign:
             log.warning("changelog %s: %d states of another model skipped", tp, foreign)
-        log.info("restored %d states of %s from offset %d to %d in %.1f s",
-                 restored, tp, start, end - 1, time.monotonic() - started)
+        log.info("restored %d states of %s partition %d (%s) from offset %d to %d in %.1f s",
+                 restored, topic, partition, purpose, start, last, time.monotonic() - started)
         return restored
     finally:
         await consumer.stop()

@@ -16,7 +16,9 @@ Order of work per micro-batch, what makes at-least-once delivery safe (design/pi
 A crash between any two steps redelivers the batch; per-user applied offsets make the second
 application a no-op. A partition assigned to this worker is first brought up to date from its
 changelog, the states topic (streams/changelog.py), so that it arrives with its state from
-whichever worker or host owned it before.
+whichever worker or host owned it before. Standby replicas: every ``standby_interval_s`` the
+worker catches up its local copies of the partitions it does not own, so that taking one
+over reads only the last few seconds of the changelog.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from vql.schemas.user_state import UserState, encode_user_state
 from vql.streams.changelog import restore_partition
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter, RawRecord
 from vql.streams.settings import Settings
+from vql.streams.state_store import StoreError
 
 log = logging.getLogger("vql.worker")
 
@@ -116,6 +119,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self.on_batch = on_batch
         self.status = "starting"  # starting -> ready; recovering while partitions move
         self._lock = asyncio.Lock()  # held for a whole batch, and by rebalance callbacks
+        self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
         self._consumer: AIOKafkaConsumer | None = None
         self._publisher: Publisher | None = None
 
@@ -160,17 +164,52 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.status = "recovering"
-        async with self._lock:
+        async with self._lock, self._standby_lock:
             for tp in sorted(assigned):
-                store = self.processor.store(tp.partition)
+                store = await self._open_owned(tp.partition)
                 await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
                                         tp.partition, self.processor.model_version)
         self.status = "ready"
+
+    async def _open_owned(self, partition: int, patience_s: float = 30.0):
+        """The partition's store; while the previous owner on this host (or its standby
+        catch-up) still holds the files, wait for it rather than fail."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return self.processor.store(partition)
+            except StoreError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
 
     def highwater(self, partition: int) -> int | None:
         if self._consumer is None:
             return None
         return self._consumer.highwater(TopicPartition(self.settings.behaviors_topic, partition))
+
+    # -- standby replicas ---------------------------------------------------------------------
+
+    @mode.Service.task
+    async def _standby(self) -> None:
+        interval = self.settings.standby_interval_s
+        topic = self.settings.behaviors_topic
+        while interval and not self.should_stop:
+            await self.sleep(interval)
+            partitions = self._consumer.partitions_for_topic(topic) or set()
+            for partition in sorted(partitions):
+                async with self._standby_lock:
+                    if self.should_stop or TopicPartition(topic, partition) in self._consumer.assignment():
+                        continue
+                    try:
+                        store = self.processor.open_unowned(partition)
+                    except StoreError:
+                        continue  # its owner on this host has it open: nothing to keep warm
+                    try:
+                        await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
+                                                partition, self.processor.model_version, "standby")
+                    finally:
+                        store.close()
 
     # -- the loop -----------------------------------------------------------------------------
 

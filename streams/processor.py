@@ -95,6 +95,12 @@ class BatchProcessor:
             store = self._stores[partition] = PartitionStore(path, self.model_version)
         return store
 
+    def open_unowned(self, partition: int) -> PartitionStore:
+        """A partition's store opened outside the owned set (standby catch-up); the caller
+        closes it. Raises StoreError while another process holds it open."""
+        return PartitionStore(partition_store_path(self.data_dir, self.model_version, self.topic, partition),
+                              self.model_version)
+
     def release(self, partitions: Sequence[int]) -> None:
         """Close the stores of partitions this worker no longer owns."""
         for partition in partitions:

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     )
     commit_interval_s: float = Field(1.0, gt=0, description="how often acked input offsets are committed")
 
+    standby_interval_s: float = Field(
+        10.0, ge=0,
+        description="how often the local copies of partitions other workers own are caught up "
+                    "from the changelog (standby replicas; 0: none)",
+    )
     batch_size: int = Field(2048, ge=1, description="events per micro-batch, at most")
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
     device: str = Field("auto", description="torch device for encoding: auto, cpu or cuda")

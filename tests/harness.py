@@ -48,11 +48,11 @@ class Pipeline:
         ensure_topics(settings)
         return cls(settings)
 
-    def start_worker(self, host: str | None = None) -> subprocess.Popen:
+    def start_worker(self, host: str | None = None, **overrides) -> subprocess.Popen:
         """A worker process; with ``host``, its stores live in a data dir of their own, as on
-        another machine (by default all workers share one)."""
+        another machine (by default all workers share one). ``overrides``: Settings fields."""
         index = len(list(self.settings.data_dir.glob("worker-*.log")))
-        settings = self.settings
+        settings = self.settings.model_copy(update=overrides)
         if host is not None:
             settings = settings.model_copy(update={"data_dir": self.settings.data_dir / "hosts" / host})
         worker = start_worker(settings, self.settings.data_dir / f"worker-{index}.log")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -100,6 +101,40 @@ def test_partitions_move_to_another_host_with_their_state(kafka_bootstrap, tmp_p
         print("\n".join(restored))
         assert sum(int(line.split("restored ")[1].split()[0]) for line in restored) > 0
         verify(pipeline, "partitions moved to another host (changelog restore)")
+    finally:
+        pipeline.stop_all()
+
+
+def test_a_standby_replica_takes_over_with_only_the_changelog_tail(kafka_bootstrap, tmp_path):
+    """Host b joins host a: it takes half the partitions and keeps warm copies of a's half
+    (standby); when a dies, b restores only what a published since b's last catch-up."""
+    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=4)
+    records = list(generate(DemoSpec(users=300, mean_events=30, heavy_users=1, heavy_events=3000, seed=25),
+                            int(time.time() * 1000)))
+    first, second = chunks(records, 2)
+    try:
+        doomed = pipeline.start_worker(host="a", standby_interval_s=1.0)
+        total = produce(pipeline, first)
+        pipeline.wait_until_committed(total)  # a alone has all the state
+        pipeline.start_worker(host="b", standby_interval_s=1.0)  # takes half, keeps a's half warm
+        b_log = pipeline.settings.data_dir / "worker-1.log"
+        deadline = time.monotonic() + 60
+        while "(standby)" not in b_log.read_text():  # b has caught up a's partitions once
+            assert time.monotonic() < deadline, pipeline.worker_logs()
+            time.sleep(0.5)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait()
+        total += produce(pipeline, second)
+        pipeline.wait_until_committed(total)
+        pipeline.stop_all()
+        log = b_log.read_text().splitlines()
+        restores = [line for line in log if "restored" in line]
+        print("\n".join(restores))
+        # b kept a's partitions warm, and taking them over read only the tail
+        assert any("(standby)" in line for line in restores)
+        takeovers = [int(re.search(r"from offset (\d+)", line).group(1)) for line in restores if "(assigned)" in line]
+        assert any(start > 0 for start in takeovers), restores
+        verify(pipeline, "standby replica takes over (changelog tail only)")
     finally:
         pipeline.stop_all()
 
