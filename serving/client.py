@@ -133,14 +133,15 @@ class RankingClient:
 def check_candidates(candidates: Candidates) -> None:
     """Reject what the scorer would mis-score silently: ragged columns, negative ids, or a
     modality outside the schema's (an embedding row that does not exist)."""
-    columns = {"item": candidates.item, "category": candidates.category, "modality": candidates.modality}
-    lengths = {name: np.shape(column) for name, column in columns.items()}
-    if len(set(lengths.values())) != 1 or len(lengths["item"]) != 1 or lengths["item"][0] == 0:
-        raise InvalidCandidates(f"candidate columns must be 1-d, non-empty and of one length, got {lengths}")
+    columns = {name: np.asarray(getattr(candidates, name)) for name in ("item", "category", "modality")}
+    shapes = {name: column.shape for name, column in columns.items()}
+    if len(set(shapes.values())) != 1 or len(shapes["item"]) != 1 or shapes["item"][0] == 0:
+        raise InvalidCandidates(f"candidate columns must be 1-d, non-empty and of one length, got {shapes}")
     for name, column in columns.items():
-        if not np.issubdtype(np.asarray(column).dtype, np.integer):
-            raise InvalidCandidates(f"candidate {name} ids must be integers, got {np.asarray(column).dtype}")
+        if not np.issubdtype(column.dtype, np.integer):
+            raise InvalidCandidates(f"candidate {name} ids must be integers, got {column.dtype}")
         if column.min() < 0:
             raise InvalidCandidates(f"candidate {name} ids must be >= 0")
-    if candidates.modality.max() >= len(Modality):
-        raise InvalidCandidates(f"candidate modality must be an index below {len(Modality)} ({[m.value for m in Modality]})")
+    if columns["modality"].max() >= len(Modality):
+        raise InvalidCandidates(f"candidate modality must be an index below {len(Modality)} "
+                                f"({', '.join(m.value for m in Modality)})")

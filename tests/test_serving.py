@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from test_state_math import build_state, make_model, random_candidates, random_events
 from vql.model.features import Candidates
 from vql.model.scoring import ModelVersionMismatch
-from vql.schemas.user_state import StateFormatError, encode_user_state
+from vql.schemas.user_state import encode_user_state
 from vql.serving import InvalidCandidates, RankingClient, StaleState, StoreMismatch, StoreUnavailable, UserNotFound
 from vql.serving.follower import FollowerStatus
 from vql.serving.http import build_app
