@@ -153,7 +153,6 @@ def code_sum_attention(
     """
     batch, length, heads, width = values.shape
     n_codes = code_keys.shape[0]
-    rates = event_weight.shape[-1]
     scale = 1.0 / math.sqrt(width)
     delta = keys - keys.detach()
     slot = (torch.arange(batch, device=codes.device)[:, None, None] * n_codes + codes) * heads \

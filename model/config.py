@@ -31,7 +31,7 @@ class ModelConfig(BaseModel):
     head_dim: int = Field(8, ge=1)
     groups: int = Field(2, ge=1)
     codes: int = Field(32, ge=2, le=4096)
-    half_lives_s: tuple[float, ...] = Field((HOUR_S, DAY_S, 30 * DAY_S), min_length=1)
+    half_lives_s: tuple[float, ...] = Field((DAY_S, 30 * DAY_S, 365 * DAY_S), min_length=1)
     mlp_hidden: int = Field(64, ge=1)
     seed: int = 0
 

@@ -210,6 +210,25 @@ class VQLModel(CTRModel):
         return model.to(device or default_device()).eval(), artifact.version
 
     @torch.no_grad()
+    def fit_codebooks(self, features: torch.Tensor, iterations: int = 20) -> None:
+        """k-means (Lloyd) of the keys of ``features`` (n, behavior_dim), per group, started
+        at random keys: the codebooks a model trained without quantization starts from when
+        quantization is switched on (training.py, warm-up). Resets the EMA state to match."""
+        keys = self.keys(features).float()  # (n, G, D)
+        picks = torch.randperm(keys.shape[0], generator=self.generator)[: self.config.codes]
+        codebooks = keys[picks].transpose(0, 1).clone()  # (G, K, D)
+        for _ in range(iterations):
+            self.codebooks.copy_(codebooks)
+            codes = self.assign_codes(keys)  # (n, G)
+            one_hot = F.one_hot(codes, self.config.codes).float()  # (n, G, K)
+            counts = one_hot.sum(0)
+            sums = torch.einsum("ngk,ngd->gkd", one_hot, keys)
+            codebooks = torch.where(counts[..., None] > 0, sums / counts.clamp(min=1)[..., None], codebooks)
+        self.codebooks.copy_(codebooks)
+        self.ema_counts.copy_(counts.clamp(min=1e-3) / keys.shape[0] * self.config.codes)
+        self.ema_sums.copy_(codebooks * self.ema_counts[..., None])
+
+    @torch.no_grad()
     def _seed_codebooks(self, generator: torch.Generator) -> None:
         """Start each code at the key of a random behavior, so that every code is in use."""
         cfg = self.config

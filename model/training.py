@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vql.model.ctr import CTRModel, TensorBatch
+from vql.model.encoder import VQLModel
+from vql.model.features import hash_buckets
 from vql.model.datasets import Histories, Samples, user_batches
 from vql.model.metrics import auc, gauc, logloss
 
@@ -28,6 +30,10 @@ class TrainConfig:
     commitment: float = 0.25
     max_events: int | None = None  # truncate histories to the newest events (None: all)
     seed: int = 0
+    # VQL: train the first epochs with unquantized keys (full attention), then fit the
+    # codebooks to the learnt keys by k-means and go on quantized. From random codes, the keys
+    # learn slowly: a code mixes behaviors that have nothing in common yet.
+    warmup_epochs: int = 0
 
 
 @dataclass
@@ -49,7 +55,12 @@ def train(
     model.to(device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     report = TrainReport()
+    quantizes = isinstance(model, VQLModel) and model.quantize
     for epoch in range(config.epochs):
+        if quantizes:
+            model.quantize = epoch >= config.warmup_epochs
+            if config.warmup_epochs and epoch == config.warmup_epochs:
+                model.fit_codebooks(_sample_features(model, histories, config.seed, device))
         started, losses, weights = time.perf_counter(), 0.0, 0
         batches = user_batches(histories, samples, config.users_per_batch, config.max_events,
                                shuffle=True, seed=config.seed * 1000 + epoch)
@@ -72,6 +83,21 @@ def train(
         report.epoch_seconds.append(time.perf_counter() - started)
         report.epoch_losses.append(losses / max(weights, 1))
     return report
+
+
+@torch.no_grad()
+def _sample_features(model: VQLModel, histories: Histories, seed: int, device: torch.device,
+                     size: int = 100_000) -> torch.Tensor:
+    """Behavior features of up to ``size`` events drawn uniformly from ``histories``."""
+    rows = np.random.default_rng(seed).choice(histories.num_events, min(size, histories.num_events), replace=False)
+    cfg = model.config
+
+    def column(values: np.ndarray, buckets: int | None = None) -> torch.Tensor:
+        picked = values[rows] if buckets is None else hash_buckets(values[rows], buckets)
+        return torch.from_numpy(np.ascontiguousarray(picked)).to(device)
+
+    return model.behavior_features(column(histories.item, cfg.item_buckets), column(histories.action),
+                                   column(histories.category, cfg.category_buckets), column(histories.modality))
 
 
 @torch.no_grad()

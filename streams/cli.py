@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -108,17 +109,17 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.config import ModelConfig
     from vql.model.datasets import DatasetUnavailable, load_dataset
     from vql.model.encoder import default_device
-    from vql.model.experiments import run_grid
-    from vql.model.training import TrainConfig
+    from vql.model.experiments import RECIPES, run_grid
 
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("users_per_batch", args.users_per_batch),
+                                   ("learning_rate", args.lr)) if v is not None}
     try:
-        datasets = [load_dataset(name) for name in args.datasets]
+        datasets = [(load_dataset(name, **RECIPES[name].data), replace(RECIPES[name].train, **overrides))
+                    for name in args.datasets]
     except DatasetUnavailable as exc:
         print(f"vql evaluate: {exc}", file=sys.stderr)
         return 1
-    run_grid(datasets, args.models, list(range(args.seeds)), args.lengths, ModelConfig(),
-             TrainConfig(epochs=args.epochs, users_per_batch=args.users_per_batch, learning_rate=args.lr),
-             default_device(), args.out)
+    run_grid(datasets, args.models, list(range(args.seeds)), args.lengths, ModelConfig(), default_device(), args.out)
     print(f"wrote {args.out / 'results.jsonl'} and {args.out / 'results.md'}")
     return 0
 
@@ -204,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--datasets", nargs="+", choices=["movielens", "synthetic"], default=["movielens", "synthetic"])
     evaluate.add_argument("--models", nargs="+", default=["vql", "full", "din50", "din200", "sim", "sdim", "mean"])
     evaluate.add_argument("--seeds", type=int, default=3)
-    evaluate.add_argument("--epochs", type=int, default=2)
-    evaluate.add_argument("--users-per-batch", type=int, default=16)
-    evaluate.add_argument("--lr", type=float, default=3e-3)
+    evaluate.add_argument("--epochs", type=int, help="override every dataset's recipe (model/experiments.py)")
+    evaluate.add_argument("--users-per-batch", type=int, help="override the recipes")
+    evaluate.add_argument("--lr", type=float, help="override the recipes")
     evaluate.add_argument("--lengths", type=int, nargs="+", default=[10, 50, 200, 1000, 10_000])
     evaluate.add_argument("--out", type=Path, default=Path("docs"))
     evaluate.set_defaults(handler=_evaluate)
