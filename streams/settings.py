@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path(".vql"), description="RocksDB stores and the worker's Faust data")
     model_path: Path = Field(Path(".vql/model.npz"), description="the model artifact to encode with")
-    app_id: str = Field("vql-stream", description="Faust app id = Kafka consumer group")
+    app_id: str = Field("vql-stream", description="the Kafka consumer group (and the Faust app id)")
 
     behaviors_topic: str = "behaviors"
     states_topic: str = "user-states"
@@ -35,7 +35,6 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(
         10.0, gt=0, description="consumer group session timeout: how soon a dead worker's partitions move"
     )
-    commit_interval_s: float = Field(1.0, gt=0, description="how often acked input offsets are committed")
 
     standby_interval_s: float = Field(
         10.0, ge=0,
