@@ -81,18 +81,29 @@ def apply_events(
     ell -= (shift[:, None] * decay_rates[None, :])[:, None, None, :]
 
     # One row per (event, group, rate): its cell and its forward-decay exponent a <= 0.
+    n = times_s.shape[0]
     a = decay_rates[None, :] * (times_s - new_t0[local])[:, None]  # (n, R)
     cell = ((local[:, None] * groups + np.arange(groups)[None, :]) * n_codes + codes)  # (n, G)
     cell = (cell[:, :, None] * n_rates + np.arange(n_rates)[None, None, :]).reshape(-1)
-    a = np.broadcast_to(a[:, None, :], (a.shape[0], groups, n_rates)).reshape(-1)
-    v = np.broadcast_to(values[:, :, None, :], (values.shape[0], groups, n_rates, dim)).reshape(-1, dim)
+    a = np.broadcast_to(a[:, None, :], (n, groups, n_rates)).reshape(-1)
 
-    order = np.argsort(cell, kind="stable")
-    cell, a, v = cell[order], a[order], v[order]
-    starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
-    target = cell[starts]
-
+    # Per cell, in log space against its largest term (old sum or new events): two
+    # scatter-adds over the dense (U, G, K, R) grid, which is small; means only over the
+    # cells the batch touches.
     flat_ell = ell.reshape(-1)
+    peak = flat_ell.copy()
+    np.maximum.at(peak, cell, a)
+    weight = np.exp(a - peak[cell])
+    hits = np.bincount(cell, minlength=flat_ell.shape[0])
+    target = np.flatnonzero(hits)  # touched cells, ascending: grouped by user
+    keep = np.exp(flat_ell[target] - peak[target])  # 0 for an empty cell
+    total = keep + np.bincount(cell, weight, minlength=flat_ell.shape[0])[target]
+    compact = (np.cumsum(hits > 0) - 1)[cell]  # row -> index into target
+    weight = weight.reshape(n, groups, n_rates)
+    weighted = np.empty((target.shape[0], dim))
+    for d in range(dim):
+        weighted[:, d] = np.bincount(compact, (weight * values[:, :, None, d]).reshape(-1), minlength=target.shape[0])
+
     # Means are (G, K, R, D) per user but a batch touches few cells of each: gather and
     # scatter only those, user by user, rather than stacking every user's whole array.
     cells_per_user = groups * n_codes * n_rates
@@ -103,17 +114,10 @@ def apply_events(
             state.mean = np.array(state.mean)  # reshape below must be a view we can write to
     flat_means = [state.mean.reshape(-1, dim) for state in users]
     old_mean = np.concatenate([m[own_cell[lo:hi]] for m, lo, hi in zip(flat_means, bounds[:-1], bounds[1:])])
-    old = flat_ell[target]
-    peak = np.maximum(old, np.maximum.reduceat(a, starts))
-    weight = np.exp(a - np.repeat(peak, np.diff(np.r_[starts, a.shape[0]])))
-    keep = np.exp(old - peak)  # 0 for an empty cell
-    total = keep + np.add.reduceat(weight, starts)
-    new_ell = peak + np.log(total)
-    weighted = np.add.reduceat(weight[:, None] * v, starts, axis=0)
     new_mean = (keep[:, None] * old_mean + weighted) / total[:, None]
     for m, lo, hi in zip(flat_means, bounds[:-1], bounds[1:]):
         m[own_cell[lo:hi]] = new_mean[lo:hi]
-    flat_ell[target] = new_ell
+    flat_ell[target] = peak[target] + np.log(total)
 
     counts = np.bincount(local, minlength=len(users))
     latest_offsets = None

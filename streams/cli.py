@@ -165,6 +165,18 @@ def _bench_score(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bench_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.replay import run
+    from vql.streams.topics import BrokerUnavailable
+
+    try:
+        run(settings, args.work_dir, args.events, args.topic_events, args.worker_events, args.timeout)
+    except (BrokerUnavailable, RuntimeError) as exc:
+        print(f"vql bench replay: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vql",
@@ -244,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve the local copy as it is on disk, without a broker (nothing is flagged stale)")
     serve.set_defaults(handler=_serve)
 
+    from vql.streams.replay_cli import add_commands  # replay, export, import
+
+    add_commands(commands)
+
     bench = commands.add_parser("bench", help="benchmarks (one JSON line per figure)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="COMMAND")
     encode = bench_commands.add_parser("encode", help="code assignment throughput (events/s)",
@@ -281,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     score_bench.add_argument("--http-rate", type=float, default=100.0, help="requests/s offered to the service (0: skip)")
     score_bench.add_argument("--http-seconds", type=float, default=10.0, help="length of the HTTP run")
     score_bench.set_defaults(handler=_bench_score)
+    replay_bench = bench_commands.add_parser(
+        "replay", help="replay throughput: events/s from Parquet and from a topic",
+        description="Rebuild states from a Parquet file of N demo events (columnar path, store only) and "
+        "from a topic (the worker's processor, store + publish), with wall-clock and CPU-time events/s; "
+        "optionally measure one live worker on the same broker for the ratio.")
+    replay_bench.add_argument("--events", type=int, default=2_000_000, help="events in the Parquet run")
+    replay_bench.add_argument("--topic-events", type=int, default=300_000, help="events in the topic run (0: skip)")
+    replay_bench.add_argument("--worker-events", type=int, default=0,
+                              help="also drain this many events with one live worker (vql bench pipeline's "
+                              "throughput run) and report replay / worker (0: skip)")
+    replay_bench.add_argument("--timeout", type=float, default=600.0)
+    replay_bench.add_argument("--work-dir", type=Path, default=Path(".vql/bench-replay"))
+    replay_bench.set_defaults(handler=_bench_replay)
     return parser
 
 

@@ -1,0 +1,244 @@
+"""`vql replay` from a topic: rebuild user states from the event log with the worker's own code.
+
+A replay drives the worker's :class:`BatchProcessor` (decode, duplicate checks, encode,
+state math, one WriteBatch per partition) and :class:`Publisher` over the topic, with much
+larger batches and no consumer group, so its states are the live worker's by construction.
+It writes the store layout a worker uses (``data_dir/stores/<model version>/<topic>-<p>``),
+with processed offsets and, when it publishes, changelog offsets, so a worker started on
+that data dir and states topic continues where the replay stopped; with ``group`` it also
+commits that consumer group's offsets, so the worker does not even re-read the topic.
+
+Resumable: each batch is published, then written with the partition's processed offset;
+a rerun starts every partition after its processed offset, exactly as a restarted worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+from tqdm import tqdm
+
+from vql.model.encoder import VQLModel
+from vql.streams.consumer import Publisher
+from vql.streams.processor import BatchProcessor, BatchResult, RawRecord
+from vql.streams.settings import Settings
+from vql.streams.topics import admin, ensure_topics
+
+
+@contextmanager
+def torch_threads(threads: int = 1) -> Iterator[None]:
+    """Encode on one intra-op thread meanwhile: the encoder's layers are small, and handing
+    each op to a second thread costs more than it saves (on the 2-core CI machine with
+    another job running: 1.85 M vs 0.11-0.56 M events/s at batches of 8k-131k rows).
+    Throughput comes from large batches instead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class ReplayError(RuntimeError):
+    """A replay cannot start: missing topic, bad range, ... (one readable line)."""
+
+
+@dataclass(frozen=True)
+class TopicRange:
+    """Which records of the topic to replay; None means from the start / to the head."""
+
+    partitions: tuple[int, ...] | None = None
+    from_offset: int | None = None
+    to_offset: int | None = None  # exclusive
+    from_time_ms: int | None = None
+    to_time_ms: int | None = None  # exclusive
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did: enough for an operator to trust it (or not) at a glance."""
+
+    events_read: int = 0
+    applied: int = 0
+    skipped: int = 0  # already applied (resumed run, redelivered offsets)
+    dead_letters: Counter = field(default_factory=Counter)  # reason -> count
+    users: set = field(default_factory=set)
+    states_published: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    def summary(self) -> str:
+        rejected = sum(self.dead_letters.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.dead_letters.items())) or "none"
+        rate = self.events_read / self.seconds if self.seconds else 0.0
+        return (f"read {self.events_read:,} events in {self.seconds:.1f} s ({rate:,.0f} events/s, "
+                f"CPU {self.cpu_seconds:.1f} s): applied {self.applied:,}, already applied {self.skipped:,}, "
+                f"rejected {rejected:,} ({reasons}); {len(self.users):,} users changed, "
+                f"{self.states_published:,} states published")
+
+    def add(self, result: BatchResult, records: int) -> None:
+        self.events_read += records
+        self.applied += result.applied
+        self.skipped += result.duplicates
+        self.dead_letters.update(letter.rejection.reason.value for letter in result.dead_letters)
+        self.users.update(state.user_id for state in result.states)
+
+
+class StateSink:
+    """Where a replay's batches go: published first (when a states topic is set), then
+    written to the stores with the changelog offsets they reached: the worker's order."""
+
+    def __init__(self, processor: BatchProcessor, publisher: Publisher | None) -> None:
+        self.processor = processor
+        self.publisher = publisher
+
+    async def flush(self, result: BatchResult, report: ReplayReport) -> None:
+        changelog = await self.publisher.publish(result) if self.publisher else None
+        self.processor.commit(result, changelog)
+        if self.publisher:
+            report.states_published += len(result.states)
+
+
+async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool) -> StateSink:
+    """A sink for ``processor``'s stores; with ``publish``, states go to
+    ``settings.states_topic`` (created compacted and co-partitioned if missing) and dead
+    letters to ``settings.dlq_topic`` first."""
+    if not publish:
+        return StateSink(processor, None)
+    ensure_topics(settings)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+                                max_batch_size=1024 * 1024,
+                                max_request_size=settings.max_dead_letter_bytes + 1024 * 1024)
+    await producer.start()
+    return StateSink(processor, Publisher(producer, settings))
+
+
+async def close_sink(sink: StateSink) -> None:
+    if sink.publisher:
+        await sink.publisher.producer.stop()
+
+
+def partition_count(settings: Settings, topic: str) -> int:
+    """Partitions of an existing topic; ReplayError when it does not exist."""
+    client = admin(settings.kafka_bootstrap)
+    try:
+        described = {t["name"]: len(t["partitions"]) for t in client.describe_topics([topic])
+                     if not t.get("error_code")}
+    except Exception as exc:  # kafka-python raises per-topic errors as plain exceptions here
+        raise ReplayError(f"topic {topic} does not exist on {settings.kafka_bootstrap}") from exc
+    finally:
+        client.close()
+    if not described.get(topic):
+        raise ReplayError(f"topic {topic} does not exist on {settings.kafka_bootstrap}")
+    return described[topic]
+
+
+async def replay_topic(
+    settings: Settings,
+    model: VQLModel,
+    version: str,
+    span: TopicRange = TopicRange(),
+    publish: bool = True,
+    group: str | None = None,
+    batch_size: int = 32_768,
+    progress: bool = True,
+) -> ReplayReport:
+    """Replay ``settings.behaviors_topic`` (the range ``span``) with ``model`` into the stores
+    under ``settings.data_dir`` and, with ``publish``, into ``settings.states_topic``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    settings = settings.model_copy(update={"partitions": partition_count(settings, settings.behaviors_topic)})
+    processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic,
+                               settings.event_policy(), event_id_window=settings.event_id_window)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
+                                enable_auto_commit=False, max_partition_fetch_bytes=32 * 1024 * 1024,
+                                fetch_max_bytes=128 * 1024 * 1024, fetch_max_wait_ms=100)
+    await consumer.start()
+    sink = await open_sink(settings, processor, publish)
+    report = ReplayReport()
+    try:
+        bounds = await _bounds(consumer, processor, settings, span)
+        todo = {tp: (start, end) for tp, (start, end) in bounds.items() if start < end}
+        consumer.assign(list(bounds))
+        for tp, (start, _end) in todo.items():
+            consumer.seek(tp, start)
+        with tqdm(total=sum(end - start for start, end in todo.values()), unit="ev", unit_scale=True,
+                  desc=f"replay {settings.behaviors_topic}", disable=not progress) as bar:
+            while todo:
+                records = await _next_batch(consumer, todo, batch_size)
+                if not records:
+                    continue
+                result = processor.process(records)
+                await sink.flush(result, report)
+                if group:
+                    await consumer.commit({TopicPartition(settings.behaviors_topic, p): OffsetAndMetadata(o + 1, "")
+                                           for p, _s, o in result.writes})
+                report.add(result, len(records))
+                bar.update(len(records))
+    finally:
+        await close_sink(sink)
+        await consumer.stop()
+        processor.close()
+    report.seconds = time.perf_counter() - started
+    report.cpu_seconds = time.process_time() - cpu_started
+    return report
+
+
+async def _bounds(consumer: AIOKafkaConsumer, processor: BatchProcessor, settings: Settings,
+                  span: TopicRange) -> dict[TopicPartition, tuple[int, int]]:
+    """Per partition, [start, end): the requested range, clipped to the topic, after what
+    the store already holds (a resumed replay), ending at the head as of now."""
+    topic = settings.behaviors_topic
+    available = sorted(consumer.partitions_for_topic(topic) or range(settings.partitions))
+    chosen = list(span.partitions) if span.partitions is not None else available
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise ReplayError(f"topic {topic} has partitions {available[0]}..{available[-1]}, not {unknown}")
+    tps = [TopicPartition(topic, p) for p in chosen]
+    begin, head = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+    by_time = {}
+    for name, when in (("from", span.from_time_ms), ("to", span.to_time_ms)):
+        if when is not None:
+            found = await consumer.offsets_for_times({tp: when for tp in tps})
+            by_time[name] = {tp: head[tp] if hit is None else hit.offset for tp, hit in found.items()}
+    bounds = {}
+    for tp in tps:
+        start = max(begin[tp], span.from_offset or 0, by_time.get("from", {}).get(tp, 0))
+        end = min(head[tp], span.to_offset if span.to_offset is not None else head[tp],
+                  by_time.get("to", {}).get(tp, head[tp]))
+        done = processor.store(tp.partition).processed_offset()
+        bounds[tp] = (start if done is None else max(start, done + 1), end)
+    return bounds
+
+
+async def _next_batch(consumer: AIOKafkaConsumer, todo: dict[TopicPartition, tuple[int, int]],
+                      batch_size: int) -> list[RawRecord]:
+    """Up to ``batch_size`` records below each partition's end; finished partitions leave
+    ``todo`` (and are paused, so fetches serve the others)."""
+    records: list[RawRecord] = []
+    while todo and len(records) < batch_size:
+        fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=batch_size - len(records))
+        if not fetched:
+            break
+        for tp, messages in fetched.items():
+            end = todo[tp][1]
+            records.extend(RawRecord(m.partition, m.offset, m.key, m.value) for m in messages if m.offset < end)
+            if messages and messages[-1].offset >= end - 1:
+                del todo[tp]
+                consumer.pause(tp)
+    return records
+
+
+def run_replay_topic(settings: Settings, model: VQLModel, version: str, **options) -> ReplayReport:
+    """:func:`replay_topic` from synchronous code (the CLI, tests, the bench)."""
+    with torch_threads():
+        return asyncio.run(replay_topic(settings, model, version, **options))
+

@@ -1,0 +1,242 @@
+"""`vql replay --files`: rebuild user states from Parquet or Arrow files, columnar end to end.
+
+pyarrow -> the event contract (schemas/arrow.py) -> vectorised validation -> duplicate event
+ids dropped (Arrow group-by) -> :meth:`VQLModel.encode` once per distinct feature row ->
+:func:`vql.model.state.apply_events` per few thousand users -> the worker's stores (and,
+optionally, the states topic) through the same :class:`StateSink` as a topic replay. Python
+runs per user (state objects) and per chunk, never per event.
+
+Events exported from a topic carry ``partition`` and ``offset``: their states land in the
+store of that partition with the offsets as applied offsets, which makes them equal to a
+replay of the topic and lets a worker continue from the store. Files without them get the
+Kafka default partitioner's partition for their user and the row's position in the input
+as offset (rows number from 0 over the files in the order given): resumable, but not a
+store for a worker to continue on a live topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from kafka.partitioner.default import murmur2
+from tqdm import tqdm
+
+from vql.model.encoder import VQLModel
+from vql.model.features import ACTION_INDEX, MODALITY_INDEX, BehaviorColumns, hash_buckets
+from vql.model.state import apply_events, empty_state
+from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
+from vql.schemas.decode import Reason
+from vql.schemas.events import Action, Modality
+from vql.streams.processor import BatchProcessor, BatchResult
+from vql.streams.replay import ReplayReport, close_sink, open_sink, torch_threads
+from vql.streams.settings import Settings
+
+USERS_PER_CHUNK = 2048  # users folded together
+ENCODE_BATCH = 8192  # rows per encode call: the encoder's sweet spot on CPU (docs/performance.md)
+
+
+def read_events(paths: Sequence[Path]) -> pa.Table:
+    """All rows of the files, in order, cast to the event contract. Parquet, or Arrow IPC
+    (``.arrow``, ``.feather``, ``.ipc``); FileSchemaError for anything else."""
+    tables = []
+    for path in paths:
+        fmt = _format(path)
+        try:
+            table = ds.dataset(str(path), format=fmt).to_table()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise FileSchemaError(f"{path}: not a readable {fmt} file: {exc}") from exc
+        tables.append(conform_events(table, str(path)))
+    if not tables:
+        raise FileSchemaError("no input files given")
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as exc:
+        raise FileSchemaError(f"the files' columns differ: {exc}") from exc
+
+
+def last_offsets(paths: Sequence[Path]) -> dict[int, int]:
+    """Per partition, the last offset an export read (its file metadata; empty without)."""
+    last: dict[int, int] = {}
+    for path in paths:
+        if _format(path) != "parquet":
+            continue
+        metadata = (pq.read_metadata(path).metadata or {}).get(LAST_OFFSETS.encode())
+        for partition, offset in (json.loads(metadata) if metadata else {}).items():
+            last[int(partition)] = max(last.get(int(partition), -1), int(offset))
+    return last
+
+
+def _format(path: Path) -> str:
+    return "ipc" if path.suffix in (".arrow", ".feather", ".ipc") else "parquet"
+
+
+def columns_of(table: pa.Table) -> BehaviorColumns:
+    """The model's feature columns of valid rows, without a Python loop."""
+    context = table.column("context")
+    return BehaviorColumns(
+        item=table.column("item_id").to_numpy(),
+        action=_index(table.column("action"), list(Action), ACTION_INDEX),
+        category=pc.struct_field(context, "category").to_numpy(),
+        modality=_index(pc.struct_field(context, "modality"), list(Modality), MODALITY_INDEX),
+        time_s=table.column("event_time_ms").to_numpy().astype(np.float64) / 1e3,
+    )
+
+
+def _index(column, members: list, index: dict) -> np.ndarray:
+    positions = pc.index_in(column, pa.array([m.value for m in members])).to_numpy(zero_copy_only=False)
+    order = np.array([index[m] for m in members], np.int64)
+    return order[positions.astype(np.int64)]
+
+
+def encode_distinct(model: VQLModel, columns: BehaviorColumns) -> tuple[np.ndarray, np.ndarray]:
+    """``model.encode`` of every row, computed once per distinct (item bucket, action,
+    category bucket, modality): codes and values depend on nothing else, and popular items
+    repeat across a history."""
+    cfg = model.config
+    key = hash_buckets(columns.item, cfg.item_buckets)
+    for part, size in ((columns.action, len(Action)), (hash_buckets(columns.category, cfg.category_buckets),
+                                                       cfg.category_buckets), (columns.modality, len(Modality))):
+        key = key * size + part
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    codes, values = [], []
+    for lo in range(0, first.size, ENCODE_BATCH):
+        rows = first[lo:lo + ENCODE_BATCH]
+        c, v = model.encode(BehaviorColumns(columns.item[rows], columns.action[rows], columns.category[rows],
+                                            columns.modality[rows], columns.time_s[rows]))
+        codes.append(c)
+        values.append(v)
+    if not codes:
+        return np.empty((0, cfg.groups), np.int64), np.empty((0, cfg.groups, cfg.group_dim), np.float32)
+    return np.concatenate(codes)[inverse], np.concatenate(values)[inverse]
+
+
+def user_partitions(user_ids: np.ndarray, partitions: int) -> np.ndarray:
+    """Kafka's default partitioner (murmur2 of the key), once per distinct user."""
+    return np.array([(murmur2(u.encode()) & 0x7FFFFFFF) % partitions for u in user_ids], np.int64)
+
+
+async def replay_files(
+    paths: Sequence[Path],
+    settings: Settings,
+    model: VQLModel,
+    version: str,
+    publish: bool = False,
+    now_ms: int | None = None,
+    progress: bool = True,
+) -> ReplayReport:
+    """Replay the events of ``paths`` into the stores under ``settings.data_dir`` (store
+    topic ``settings.behaviors_topic``, ``settings.partitions`` partitions unless the files
+    say) and, with ``publish``, into ``settings.states_topic``."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    report = ReplayReport()
+    table = read_events(paths)
+    report.events_read = table.num_rows
+    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    reason = validate_events(table, now_ms or int(time.time() * 1000), settings.event_policy())
+    reason = _repeated_ids(table, reason)
+    for index, count in zip(*np.unique(reason[reason >= 0], return_counts=True)):
+        report.dead_letters[list(Reason)[index].value] = int(count)
+    table = table.filter(pa.array(reason < 0))
+
+    encoded = pc.dictionary_encode(table.column("user_id")).combine_chunks()  # hashing in Arrow, not Python
+    users = encoded.dictionary.to_numpy(zero_copy_only=False)
+    owner = encoded.indices.to_numpy().astype(np.int64)
+    exported = all(name in table.column_names and table.column(name).null_count == 0
+                   for name in ("partition", "offset"))
+    if exported:
+        partition = table.column("partition").to_numpy().astype(np.int64)
+        offsets = table.column("offset").to_numpy()
+        partitions = max(settings.partitions, int(partition.max(initial=-1)) + 1)
+    else:
+        partitions = settings.partitions
+        partition = user_partitions(users, partitions)[owner]
+        offsets = table.column("row").to_numpy()
+    ends = last_offsets(paths) if exported else {}
+    settings = settings.model_copy(update={"partitions": partitions})
+    processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy())
+    sink = await open_sink(settings, processor, publish)
+    try:
+        columns = columns_of(table)
+        codes, values = encode_distinct(model, columns)
+        order = np.lexsort((owner, partition))
+        with tqdm(total=int(order.size), unit="ev", unit_scale=True, desc="replay files",
+                  disable=not progress) as bar:
+            for p in np.unique(partition):
+                rows = order[np.searchsorted(partition[order], p):np.searchsorted(partition[order], p, "right")]
+                # The processed offset moves with the partition's last chunk: an interrupted
+                # replay must not tell a worker (or a topic replay) that the partition is done.
+                held = processor.store(int(p)).processed_offset()
+                last = max(int(offsets[rows].max()), ends.get(int(p), -1), -1 if held is None else held) \
+                    if exported else None
+                for chunk in _user_chunks(rows, owner):
+                    result = _fold(processor, int(p), chunk, users, owner, codes, values, columns.time_s, offsets,
+                                   last if chunk[-1] == rows[-1] else None)
+                    await sink.flush(result, report)
+                    report.add(result, 0)  # rows were counted when read
+                    bar.update(chunk.size)
+    finally:
+        await close_sink(sink)
+        processor.close()
+    report.seconds = time.perf_counter() - started
+    report.cpu_seconds = time.process_time() - cpu_started
+    return report
+
+
+def _repeated_ids(table: pa.Table, reason: np.ndarray) -> np.ndarray:
+    """A user's event id counts once, at its first occurrence (its lowest offset, or its
+    first row): later ones are rejected as duplicate_event_id, as the worker does. Ids are
+    dictionary-encoded by Arrow, so the search is a sort of integers."""
+    sort_key = "offset" if "offset" in table.column_names and table.column("offset").null_count == 0 else "row"
+    user = pc.dictionary_encode(table.column("user_id")).combine_chunks()
+    event = pc.dictionary_encode(table.column("event_id")).combine_chunks()
+    pair = (user.indices.fill_null(0).to_numpy().astype(np.int64) * len(event.dictionary)
+            + event.indices.fill_null(0).to_numpy())
+    valid = np.flatnonzero(reason < 0)
+    order = valid[np.lexsort((table.column(sort_key).to_numpy()[valid], pair[valid]))]
+    repeated = order[1:][pair[order][1:] == pair[order][:-1]]
+    if repeated.size:
+        reason = reason.copy()
+        reason[repeated] = list(Reason).index(Reason.DUPLICATE_EVENT_ID)
+    return reason
+
+
+def _user_chunks(rows: np.ndarray, owner: np.ndarray) -> list[np.ndarray]:
+    """``rows`` (sorted by user) cut at user boundaries into chunks of USERS_PER_CHUNK users."""
+    starts = np.flatnonzero(np.r_[True, owner[rows][1:] != owner[rows][:-1]])
+    cuts = starts[USERS_PER_CHUNK::USERS_PER_CHUNK]
+    return np.split(rows, cuts)
+
+
+def _fold(processor: BatchProcessor, partition: int, rows: np.ndarray, users: np.ndarray, owner: np.ndarray,
+          codes: np.ndarray, values: np.ndarray, times_s: np.ndarray, offsets: np.ndarray,
+          processed: int | None) -> BatchResult:
+    """One chunk of users folded into their stored states (a resumed replay: what they applied
+    is skipped by their applied offsets) or empty ones, by the worker's state math."""
+    ids, local = np.unique(owner[rows], return_inverse=True)
+    names = [str(u) for u in users[ids]]
+    cfg = processor.model.config
+    shape = (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)
+    states = [s or empty_state(name, processor.model_version, shape)
+              for name, s in zip(names, processor.store(partition).load(names))]
+    applied = apply_events(states, local, codes[rows], values[rows].astype(np.float64), times_s[rows],
+                           np.asarray(cfg.decay_rates), offsets[rows])
+    result = BatchResult(applied=int(applied.sum()), duplicates=int((~applied).sum()))
+    changed = np.unique(local[applied])
+    result.writes = [(partition, [states[i] for i in changed], processed)]
+    return result
+
+
+def run_replay_files(paths: Sequence[Path], settings: Settings, model: VQLModel, version: str,
+                     **options) -> ReplayReport:
+    """:func:`replay_files` from synchronous code."""
+    with torch_threads():
+        return asyncio.run(replay_files(paths, settings, model, version, **options))
