@@ -91,6 +91,52 @@ def print_top_candidates(settings: Settings, blob: bytes, n_candidates: int, top
               f"score {scores.ctr[i]:.4f}")
 
 
+def serve_one_request(settings: Settings, user: str, timeout_s: float = 90.0) -> bool:
+    """Start `vql serve` over the demo's states topic, score three candidates for ``user``
+    over HTTP as a ranking backend would, print the exchange, stop the service."""
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:  # a free port for this run
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = settings_env(settings) | {"VQL_SERVE_PORT": str(port), "VQL_SERVE_DIR": str(settings.data_dir / "serving")}
+    log_path = settings.data_dir / "serve.log"
+    with open(log_path, "ab") as log:
+        service = subprocess.Popen([sys.executable, "-m", "vql.streams.cli", "serve"], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    body = {"user_id": user, "candidates": {"item": [380042, 120007, 5], "category": [38, 12, 0],
+                                            "modality": [3, 2, 0]}}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/v1/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if service.poll() is not None or time.monotonic() > deadline:
+                print(f"vql serve did not become ready; see {log_path}", file=sys.stderr)
+                return False
+            time.sleep(0.5)
+        request = urllib.request.Request(f"{base}/v1/score", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            answer = json.loads(reply.read())
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        print(f"curl -s -X POST {base}/v1/score -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+        print(f"  -> HTTP 200 in {elapsed_ms:.1f} ms: model {answer['model_version']}, "
+              f"{answer['event_count']:,} events, ctr {[round(x, 4) for x in answer['ctr']]}")
+        return True
+    finally:
+        stop_worker(service)
+
+
 def run_demo(settings: Settings, spec: DemoSpec, timeout_s: float) -> int:
     from vql.model.config import ModelConfig
     from vql.model.encoder import VQLModel
@@ -135,6 +181,10 @@ def run_demo(settings: Settings, spec: DemoSpec, timeout_s: float) -> int:
                   f"{raw_bytes[heavy]:,} bytes of JSON -> state {len(states[heavy.encode()]):,} bytes")
             print()
             print_top_candidates(settings, states[heavy.encode()], 1000, 10)
+            print()
+            print("the same user through the HTTP scoring service (vql serve):")
+            if not serve_one_request(settings, heavy):
+                return 1
         return 0 if done >= produced else 1
     finally:
         code = stop_worker(worker)

@@ -95,14 +95,18 @@ def test_published_states_equal_offline_recomputation(kafka_bootstrap, tmp_path)
             assert letters[(str(partition).encode(), str(offset).encode())][0] == rejection.reason.value.encode()
         assert sorted(value for _, value in letters.values()) == sorted(value for _, value in BAD_RECORDS)
 
-        # A full redelivery of every record changes no state.
+        # A full redelivery of every record changes no state. (The worker commits each
+        # partition straight to its store's processed offset on the first redelivered batch,
+        # so the group may reach the end before every old record has come by: count those
+        # that did.)
         rewind_group(pipeline)
         pipeline.start_worker()
         pipeline.wait_until_committed(total)
         pipeline.stop_all()
         result = compare(pipeline.settings, pipeline.published(), expected.states)
         print("after a full redelivery:", result.summary(), pipeline.batch_totals(2))
-        assert pipeline.batch_totals(2) == {"applied": 0, "duplicates": total, "dead letters": 0}
+        totals = pipeline.batch_totals(2)
+        assert totals["applied"] == 0 and totals["dead letters"] == 0 and 0 < totals["duplicates"] <= total
         assert result.ok, result.summary()
         assert len(list(read_topic(kafka_bootstrap, pipeline.settings.dlq_topic))) == len(dlq)
     finally:
