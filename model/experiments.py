@@ -83,6 +83,7 @@ def run_grid(
     model_config: ModelConfig,
     device: torch.device,
     out_dir: Path,
+    state_sizes: list[dict] | None = None,
 ) -> list[dict]:
     """Train (each dataset with its TrainConfig) and test every (dataset, model, seed); evaluate each trained model again with
     its test histories cut to the newest L events for every L in ``lengths`` (AUC vs L).
@@ -108,5 +109,5 @@ def run_grid(
                       ", ".join(f"{k} {v:.4f}" for k, v in results[-1].metrics.items()), flush=True)
     records = aggregate(results)
     write_jsonl(records, out_dir / "results.jsonl")
-    write_results(records, [dataset for dataset, _config in datasets], out_dir)
+    write_results(records, [dataset for dataset, _config in datasets], out_dir, state_sizes)
     return records

@@ -88,8 +88,9 @@ def plot_state_bytes(lengths: list[int], state_bytes: list[int], raw_bytes: list
     plt.close(fig)
 
 
-def write_results(records: list[dict], datasets, out_dir: Path) -> None:
-    """docs/results.md: a table per dataset and the AUC-vs-length plot of each."""
+def write_results(records: list[dict], datasets, out_dir: Path, state_sizes: list[dict] | None = None) -> None:
+    """docs/results.md: a table per dataset and the AUC-vs-length plot of each; with
+    ``state_sizes`` (rows of vql.bench.state_size.measure), state bytes against L."""
     from vql.model.config import ModelConfig
     from vql.schemas.user_state import full_state_bytes
 
@@ -104,4 +105,15 @@ def write_results(records: list[dict], datasets, out_dir: Path) -> None:
         sections += [f"## {dataset.name}", "", dataset.description, "",
                      markdown_table(records, dataset.name, full_state), "",
                      f"![AUC vs history length](plots/{plot.name})", ""]
+    if state_sizes:
+        plot = out_dir / "plots" / "state_bytes_vs_length.png"
+        plot_state_bytes([r["L"] for r in state_sizes], [r["state_bytes"] for r in state_sizes],
+                         [r["raw_bytes"] for r in state_sizes], plot)
+        sections += ["## State bytes per user against history length", "",
+                     "The published float32 state of one user (default config) after L random behaviors, "
+                     "next to the raw history as JSON events (`vql bench state-size`).", "",
+                     "| L | state bytes | occupied cells | raw history bytes |", "| --- | --- | --- | --- |"]
+        sections += [f"| {r['L']:,} | {r['state_bytes']:,} | {r['cells']} | {r['raw_bytes']:,.0f} |"
+                     for r in state_sizes]
+        sections += ["", f"![state bytes vs history length](plots/{plot.name})", ""]
     (out_dir / "results.md").write_text("\n".join(sections))

@@ -119,7 +119,11 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     except DatasetUnavailable as exc:
         print(f"vql evaluate: {exc}", file=sys.stderr)
         return 1
-    run_grid(datasets, args.models, list(range(args.seeds)), args.lengths, ModelConfig(), default_device(), args.out)
+    from vql.bench.state_size import measure
+
+    state_sizes = measure([10, 100, 1_000, 10_000, 100_000, 1_000_000])
+    run_grid(datasets, args.models, list(range(args.seeds)), args.lengths, ModelConfig(), default_device(), args.out,
+             state_sizes)
     print(f"wrote {args.out / 'results.jsonl'} and {args.out / 'results.md'}")
     return 0
 
