@@ -68,6 +68,18 @@ class Publisher:
         self.producer = producer
         self.settings = settings
 
+    @classmethod
+    async def start(cls, settings: Settings) -> "Publisher":
+        """A publisher on a started producer sized for whole state batches and dead letters."""
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+            max_batch_size=1024 * 1024,
+            # Room for a dead letter of max_dead_letter_bytes plus its headers.
+            max_request_size=settings.max_dead_letter_bytes + 1024 * 1024,
+        )
+        await producer.start()
+        return cls(producer, settings)
+
     async def publish(self, result: BatchResult) -> dict[int, int]:
         """Send everything and wait for Kafka's acknowledgements; returns, per partition, the
         last offset the states reached in the states topic (the changelog offset)."""
@@ -127,14 +139,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def on_start(self) -> None:
         s = self.settings
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5,
-            max_batch_size=1024 * 1024,
-            # Room for a dead letter of max_dead_letter_bytes plus its headers.
-            max_request_size=s.max_dead_letter_bytes + 1024 * 1024,
-        )
-        await producer.start()
-        self._publisher = Publisher(producer, s)
+        self._publisher = await Publisher.start(s)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=s.app_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=s.batch_size,
@@ -193,11 +198,14 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     @mode.Service.task
     async def _standby(self) -> None:
         interval = self.settings.standby_interval_s
-        topic = self.settings.behaviors_topic
+        topic, states = self.settings.behaviors_topic, self.settings.states_topic
         while interval and not self.should_stop:
             await self.sleep(interval)
-            partitions = self._consumer.partitions_for_topic(topic) or set()
-            for partition in sorted(partitions):
+            partitions = sorted(self._consumer.partitions_for_topic(topic) or set())
+            # One offsets request a round, so that a partition with nothing new costs no
+            # restore consumer of its own.
+            ends = await self._consumer.end_offsets([TopicPartition(states, p) for p in partitions])
+            for partition in partitions:
                 async with self._standby_lock:
                     if self.should_stop or TopicPartition(topic, partition) in self._consumer.assignment():
                         continue
@@ -206,8 +214,10 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                     except StoreError:
                         continue  # its owner on this host has it open: nothing to keep warm
                     try:
-                        await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
-                                                partition, self.processor.model_version, "standby")
+                        held = store.changelog_offset()
+                        if held is None or held < ends[TopicPartition(states, partition)] - 1:
+                            await restore_partition(store, self.settings.kafka_bootstrap, states,
+                                                    partition, self.processor.model_version, "standby")
                     finally:
                         store.close()
 

@@ -22,8 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from tqdm import tqdm
 
@@ -115,11 +114,7 @@ async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool
     if not publish:
         return StateSink(processor, None)
     ensure_topics(settings)
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-                                max_batch_size=1024 * 1024,
-                                max_request_size=settings.max_dead_letter_bytes + 1024 * 1024)
-    await producer.start()
-    return StateSink(processor, Publisher(producer, settings))
+    return StateSink(processor, await Publisher.start(settings))
 
 
 async def close_sink(sink: StateSink) -> None:
