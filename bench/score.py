@@ -188,11 +188,9 @@ def _measure_http(work: Path, length: int, n: int, rate: float, seconds: float) 
 
 def plot_latency(records: list[dict], path: Path) -> None:
     """p99 against L for each method at the largest N (log-log), and vql's p50/p99 per N."""
-    import matplotlib
+    from vql.model.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     timed = [r for r in records if r["metric"] in ("p50_ms", "p99_ms", "p99_cpu_ms")]
     n = max(r["candidates"] for r in timed)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0))
@@ -210,10 +208,4 @@ def plot_latency(records: list[dict], path: Path) -> None:
                        label=f"N={size} {metric[:-3].replace('_', ' ')}")
     right.set(xscale="log", ylim=(0, None), xlabel="events in the history (L)", ylabel="ms per request",
               title="vql (wall; cpu = thread CPU time)")
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, [left, right], path)

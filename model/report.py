@@ -42,12 +42,29 @@ def markdown_table(records: list[dict], dataset: str, state_bytes: int) -> str:
     return "\n".join(lines)
 
 
-def plot_auc_vs_length(records: list[dict], dataset: str, path: Path) -> None:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on servers and CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, axes, path: Path, legend_size: int | None = 7) -> None:
+    """The house style of every plot in docs/: grid, legend, tight layout, 110 dpi PNG."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def plot_auc_vs_length(records: list[dict], dataset: str, path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for model in MODEL_LABELS:
         points = sorted((r["L"], r["value"], r["std"]) for r in records
@@ -59,20 +76,11 @@ def plot_auc_vs_length(records: list[dict], dataset: str, path: Path) -> None:
     ax.set_xlabel("history length visible at test time (newest events)")
     ax.set_ylabel("test AUC")
     ax.set_title(f"{dataset}: AUC vs history length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, [ax], path)
 
 
 def plot_state_bytes(lengths: list[int], state_bytes: list[int], raw_bytes: list[float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(lengths, state_bytes, marker="o", label="VQL state (float32)")
     ax.plot(lengths, raw_bytes, marker="s", label="raw history (JSON events)")
@@ -80,12 +88,7 @@ def plot_state_bytes(lengths: list[int], state_bytes: list[int], raw_bytes: list
     ax.set_yscale("log")
     ax.set_xlabel("events in the history (L)")
     ax.set_ylabel("bytes per user")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, [ax], path, legend_size=None)
 
 
 def write_results(records: list[dict], datasets, out_dir: Path, state_sizes: list[dict] | None = None) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import WriteBatch
 
 from vql.serving.errors import StoreMismatch, StoreUnavailable
+from vql.streams.state_store import open_rocksdb
 
 _META = b"\x00meta/"
 _TOPIC_KEY = _META + b"topic"
@@ -27,13 +28,7 @@ class StateStore:
     def __init__(self, path: Path, topic: str) -> None:
         self.path = path
         self.topic = topic
-        path.parent.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        try:
-            self._db = Rdict(str(path), options)
-        except Exception as exc:  # rocksdict raises plain Exception for locks, I/O and corruption
-            raise StoreUnavailable(f"cannot open the local state store at {path}: {exc}") from exc
+        self._db = open_rocksdb(path, StoreUnavailable, "the local state store")
         stamp = self._db.get(_TOPIC_KEY)
         if stamp is None:
             self._db[_TOPIC_KEY] = topic.encode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -128,16 +129,23 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
-    from vql.bench.pipeline import run
+def _broker_bench(name: str, run: Callable[[], None]) -> int:
+    """Run a benchmark that drives the broker; a missing broker or a stuck worker is one line."""
     from vql.streams.topics import BrokerUnavailable
 
     try:
-        run(settings, args.work_dir, args.events, args.rate, args.seconds, args.timeout)
+        run()
     except (BrokerUnavailable, RuntimeError) as exc:
-        print(f"vql bench pipeline: {exc}", file=sys.stderr)
+        print(f"vql bench {name}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _bench_pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.pipeline import run
+
+    return _broker_bench("pipeline", lambda: run(settings, args.work_dir, args.events, args.rate, args.seconds,
+                                                 args.timeout))
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -171,14 +179,9 @@ def _bench_score(args: argparse.Namespace, settings: Settings) -> int:
 
 def _bench_replay(args: argparse.Namespace, settings: Settings) -> int:
     from vql.bench.replay import run
-    from vql.streams.topics import BrokerUnavailable
 
-    try:
-        run(settings, args.work_dir, args.events, args.topic_events, args.worker_events, args.timeout)
-    except (BrokerUnavailable, RuntimeError) as exc:
-        print(f"vql bench replay: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _broker_bench("replay", lambda: run(settings, args.work_dir, args.events, args.topic_events,
+                                               args.worker_events, args.timeout))
 
 
 def build_parser() -> argparse.ArgumentParser:

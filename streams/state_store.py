@@ -27,6 +27,18 @@ _USER = b"u/"
 _EVENT_IDS = b"e/"  # per user: fingerprints of the most recent event ids, oldest first
 
 
+def open_rocksdb(path: Path, error: type[Exception], what: str) -> Rdict:
+    """A raw-bytes RocksDB at ``path``, created if missing; a failure (a lock held by another
+    process, I/O, corruption: rocksdict raises plain Exception) becomes ``error``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = Options(raw_mode=True)
+    options.create_if_missing(True)
+    try:
+        return Rdict(str(path), options)
+    except Exception as exc:
+        raise error(f"cannot open {what} at {path}: {exc}") from exc
+
+
 class StoreError(RuntimeError):
     """The store on disk cannot be used by this worker; the message says why and what to do."""
 
@@ -36,13 +48,7 @@ class PartitionStore:
 
     def __init__(self, path: Path, model_version: str) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        try:
-            self._db = Rdict(str(path), options)
-        except Exception as exc:  # rocksdict raises plain Exception for I/O and corruption
-            raise StoreError(f"cannot open the RocksDB store at {path}: {exc}") from exc
+        self._db = open_rocksdb(path, StoreError, "the RocksDB store")
         stamp = self._db.get(_MODEL_KEY)
         if stamp is None:
             if next(iter(self._db.keys()), None) is not None:
