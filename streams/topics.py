@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -50,7 +51,7 @@ def ensure_topics(settings: Settings) -> None:
                 client.create_topics(new)
             except TopicAlreadyExistsError:
                 pass
-        described = {t["name"]: len(t["partitions"]) for t in client.describe_topics(list(wanted))}
+        described = partition_counts(client, list(wanted))
     finally:
         client.close()
     inputs, states = described.get(settings.behaviors_topic), described.get(settings.states_topic)
@@ -59,6 +60,18 @@ def ensure_topics(settings: Settings) -> None:
             f"{settings.behaviors_topic} has {inputs} partitions but {settings.states_topic} has {states}: "
             "states are co-partitioned with their events, so the counts must be equal"
         )
+
+
+def partition_counts(client: KafkaAdminClient, topics: list[str], timeout_s: float = 30.0) -> dict[str, int]:
+    """Each topic's partition count. A topic created a moment ago can be described with no
+    partitions until its metadata reaches the broker's cache (seen in CI on a busy machine),
+    so wait, up to ``timeout_s``, until every topic shows some."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = {t["name"]: len(t["partitions"]) for t in client.describe_topics(topics)}
+        if all(counts.get(topic) for topic in topics) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.2)
 
 
 def producer(bootstrap: str) -> KafkaProducer:
