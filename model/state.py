@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vql.schemas.user_state import UserState
+from vql.schemas.user_state import StateBatch, UserState
 
 NO_OFFSET = -1  # applied_offset of a state that has applied nothing from a partition
 
@@ -45,21 +45,43 @@ def apply_events(
     decay_rates: np.ndarray,
     offsets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Fold a batch of encoded events into ``states`` in place; return the applied mask.
+    """:func:`fold_events` for a list of states, updated in place; returns the applied mask."""
+    if not states or owner.shape[0] == 0:
+        return np.ones(owner.shape[0], dtype=bool)
+    batch = StateBatch.of(states)
+    applied = fold_events(batch, owner, codes, values, times_s, decay_rates, offsets)
+    for row in np.unique(owner[applied]):
+        folded, state = batch.state(row), states[row]
+        state.log_count, state.mean = folded.log_count, folded.mean
+        state.landmark_t0, state.last_event_time = folded.landmark_t0, folded.last_event_time
+        state.event_count, state.applied_offset = folded.event_count, folded.applied_offset
+    return applied
 
-    owner[i] indexes ``states`` for event i; codes (n, G), values (n, G, D), times (n,).
-    With ``offsets``, an event at or below its user's ``applied_offset`` is a duplicate
-    delivery and is skipped (that is what makes at-least-once delivery idempotent), and each
-    user's ``applied_offset`` advances to the largest applied offset.
+
+def fold_events(
+    batch: StateBatch,
+    owner: np.ndarray,
+    codes: np.ndarray,
+    values: np.ndarray,
+    times_s: np.ndarray,
+    decay_rates: np.ndarray,
+    offsets: np.ndarray | None = None,
+) -> np.ndarray:
+    """Fold a micro-batch of encoded events into ``batch``'s states in place; return the
+    applied mask.
+
+    owner[i] is the row of ``batch`` event i belongs to; codes (n, G), values (n, G, D),
+    times (n,). With ``offsets``, an event at or below its user's ``applied_offset`` is a
+    duplicate delivery and is skipped (that is what makes at-least-once delivery idempotent),
+    and each user's ``applied_offset`` advances to the largest applied offset.
     """
     n = owner.shape[0]
     applied = np.ones(n, dtype=bool)
     if n == 0:
         return applied
-    groups, n_codes, n_rates, dim = states[0].shape
+    groups, n_codes, n_rates, dim = batch.shape
     if offsets is not None:
-        floor = np.fromiter((s.applied_offset for s in states), np.int64, len(states))
-        applied = offsets > floor[owner]
+        applied = offsets > batch.applied_offset[owner]
         owner, codes, values, times_s, offsets = (
             owner[applied], codes[applied], values[applied], times_s[applied], offsets[applied]
         )
@@ -67,12 +89,12 @@ def apply_events(
             return applied
     touched = np.unique(owner)
     local = np.searchsorted(touched, owner)  # event -> row among touched users
-    users = [states[i] for i in touched]
+    users = touched.shape[0]
 
-    ell = np.stack([s.log_count for s in users])  # (U, G, K, R)
-    had_events = np.fromiter((s.event_count > 0 for s in users), bool, len(users))
-    old_t0 = np.fromiter((s.landmark_t0 for s in users), np.float64, len(users))
-    batch_latest = np.full(len(users), -np.inf)
+    ell = batch.log_count[touched]  # (U, G, K, R), a copy
+    had_events = batch.event_count[touched] > 0
+    old_t0 = batch.landmark_t0[touched]
+    batch_latest = np.full(users, -np.inf)
     np.maximum.at(batch_latest, local, times_s)
     new_t0 = np.where(had_events, np.maximum(old_t0, batch_latest), batch_latest)
 
@@ -104,33 +126,21 @@ def apply_events(
     for d in range(dim):
         weighted[:, d] = np.bincount(compact, (weight * values[:, :, None, d]).reshape(-1), minlength=target.shape[0])
 
-    # Means are (G, K, R, D) per user but a batch touches few cells of each: gather and
-    # scatter only those, user by user, rather than stacking every user's whole array.
+    # Means: gather and scatter only the touched cells, addressed in the whole batch.
     cells_per_user = groups * n_codes * n_rates
-    bounds = np.searchsorted(target, np.arange(len(users) + 1) * cells_per_user)
-    own_cell = target - np.repeat(np.arange(len(users)) * cells_per_user, np.diff(bounds))
-    for state in users:
-        if not (state.mean.flags.c_contiguous and state.mean.flags.writeable):
-            state.mean = np.array(state.mean)  # reshape below must be a view we can write to
-    flat_means = [state.mean.reshape(-1, dim) for state in users]
-    old_mean = np.concatenate([m[own_cell[lo:hi]] for m, lo, hi in zip(flat_means, bounds[:-1], bounds[1:])])
-    new_mean = (keep[:, None] * old_mean + weighted) / total[:, None]
-    for m, lo, hi in zip(flat_means, bounds[:-1], bounds[1:]):
-        m[own_cell[lo:hi]] = new_mean[lo:hi]
+    row_cell = touched[target // cells_per_user] * cells_per_user + target % cells_per_user
+    flat_mean = batch.mean.reshape(-1, dim)  # a view: StateBatch keeps its arrays contiguous
+    flat_mean[row_cell] = (keep[:, None] * flat_mean[row_cell] + weighted) / total[:, None]
     flat_ell[target] = peak[target] + np.log(total)
 
-    counts = np.bincount(local, minlength=len(users))
-    latest_offsets = None
+    batch.log_count[touched] = ell
+    batch.landmark_t0[touched] = new_t0
+    batch.last_event_time[touched] = new_t0
+    batch.event_count[touched] += np.bincount(local, minlength=users).astype(np.uint64)
     if offsets is not None:
-        latest_offsets = np.full(len(users), NO_OFFSET, dtype=np.int64)
-        np.maximum.at(latest_offsets, local, offsets)
-    for row, state in enumerate(users):
-        state.log_count = ell[row]
-        state.landmark_t0 = float(new_t0[row])
-        state.last_event_time = float(new_t0[row])
-        state.event_count += int(counts[row])
-        if latest_offsets is not None:
-            state.applied_offset = max(state.applied_offset, int(latest_offsets[row]))
+        latest = np.full(users, NO_OFFSET, dtype=np.int64)
+        np.maximum.at(latest, local, offsets)
+        batch.applied_offset[touched] = np.maximum(batch.applied_offset[touched], latest)
     return applied
 
 

@@ -8,12 +8,19 @@ what rankers read) and the scorer.
 In memory a state is dense: ``log_count[g, c, r]`` (``-inf`` where a (group, code, rate) cell
 has seen no event) and ``mean[g, c, r, :]``. On the wire only the non-empty cells travel, so
 a new user costs a few hundred bytes and no user costs more than G*K*R cells.
+
+The worker handles states a micro-batch at a time, so the codec is columnar: a
+:class:`StateBatch` holds many users' states as arrays, and :func:`encode_states` /
+:func:`decode_states` convert a whole batch with a few array calls and one short Python step
+per state (its header). The one-state functions are the same codec on a batch of one.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,68 +76,127 @@ def full_state_bytes(groups: int, codes: int, rates: int, dim: int, user_id_byte
     return HEADER_BYTES + user_id_bytes + groups * codes * rates * (2 + itemsize * (1 + dim))
 
 
-def encode_user_state(state: UserState, dtype: np.dtype | type = np.float32) -> bytes:
-    """Serialise ``state`` with its non-empty cells in ``dtype`` (float32 or float64)."""
+@dataclass(eq=False)
+class StateBatch:
+    """Many users' states of one model as columns: row i is user ``user_ids[i]``.
+
+    What the worker loads, folds (model/state.py), stores and publishes per micro-batch, so
+    that none of those steps loops over users in Python. ``log_count`` is (N, G, K, R) and
+    ``mean`` (N, G, K, R, D), both float64 and C-contiguous.
+    """
+
+    user_ids: list[str]
+    model_version: str
+    landmark_t0: np.ndarray  # (N,) float64
+    last_event_time: np.ndarray  # (N,) float64
+    event_count: np.ndarray  # (N,) uint64, as in the header
+    applied_offset: np.ndarray  # (N,) int64
+    log_count: np.ndarray  # (N, G, K, R)
+    mean: np.ndarray  # (N, G, K, R, D)
+
+    def __post_init__(self) -> None:
+        # Folding and decoding write through reshaped views: the arrays must be contiguous.
+        self.log_count = np.ascontiguousarray(self.log_count, dtype=np.float64)
+        self.mean = np.ascontiguousarray(self.mean, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(groups, codes, rates, value dim per group) of every state."""
+        return self.mean.shape[1:]  # type: ignore[return-value]
+
+    @classmethod
+    def empty(cls, user_ids: Sequence[str], model_version: str, shape: tuple[int, int, int, int],
+              no_offset: int = -1) -> "StateBatch":
+        """States of users with no history: every cell empty (log-count -inf)."""
+        n = len(user_ids)
+        return cls(list(user_ids), model_version, np.zeros(n), np.zeros(n), np.zeros(n, np.uint64),
+                   np.full(n, no_offset, np.int64), np.full((n, *shape[:3]), -np.inf), np.zeros((n, *shape)))
+
+    @classmethod
+    def of(cls, states: Sequence[UserState]) -> "StateBatch":
+        """The states (of one model and shape) as a batch; the arrays are copies."""
+        if not states:
+            raise ValueError("a StateBatch needs at least one state (use StateBatch.empty)")
+        return cls(
+            [s.user_id for s in states], states[0].model_version,
+            np.fromiter((s.landmark_t0 for s in states), np.float64, len(states)),
+            np.fromiter((s.last_event_time for s in states), np.float64, len(states)),
+            np.fromiter((s.event_count for s in states), np.uint64, len(states)),
+            np.fromiter((s.applied_offset for s in states), np.int64, len(states)),
+            np.stack([s.log_count for s in states]),
+            np.stack([s.mean for s in states]),
+        )
+
+    def state(self, row: int) -> UserState:
+        """Row ``row`` as a UserState whose arrays are views of this batch."""
+        return UserState(self.user_ids[row], self.model_version, float(self.landmark_t0[row]),
+                         float(self.last_event_time[row]), int(self.event_count[row]),
+                         int(self.applied_offset[row]), self.log_count[row], self.mean[row])
+
+    def states(self) -> list[UserState]:
+        return [self.state(row) for row in range(len(self))]
+
+    def take(self, rows: np.ndarray) -> "StateBatch":
+        """A new batch of these rows (copies)."""
+        return StateBatch([self.user_ids[i] for i in rows], self.model_version, self.landmark_t0[rows],
+                          self.last_event_time[rows], self.event_count[rows], self.applied_offset[rows],
+                          self.log_count[rows], self.mean[rows])
+
+
+def encode_states(batch: StateBatch, dtype: np.dtype | type = np.float32) -> list[bytes]:
+    """Serialise every state of ``batch``, each with its non-empty cells in ``dtype`` (float32
+    or float64): the cells of all states are gathered and cast in one go, then cut per state."""
     dtype = np.dtype(dtype).newbyteorder("<")
     if dtype not in _DTYPE_CODES:
         raise ValueError(f"states are stored as float32 or float64, not {dtype}")
-    groups, codes, rates, dim = state.shape
+    groups, codes, rates, dim = batch.shape
     if groups * codes * rates > MAX_CELLS:
         raise ValueError(f"{groups * codes * rates} cells exceed the layout's {MAX_CELLS}")
-    version = state.model_version.encode("ascii")
+    version = batch.model_version.encode("ascii")
     if len(version) != MODEL_VERSION_BYTES:
         raise ValueError(f"model version must be {MODEL_VERSION_BYTES} ASCII characters")
-    user = state.user_id.encode("utf-8")
-    flat_log = state.log_count.reshape(-1)
-    cells = np.flatnonzero(np.isfinite(flat_log)).astype("<u2")
-    header = _HEADER.pack(
-        MAGIC,
-        FORMAT_VERSION,
-        _DTYPE_CODES[dtype],
-        0,
-        version,
-        groups,
-        codes,
-        rates,
-        dim,
-        state.landmark_t0,
-        state.last_event_time,
-        state.event_count,
-        state.applied_offset,
-        cells.size,
-        len(user),
-    )
-    log_count = flat_log[cells].astype(dtype)
-    mean = state.mean.reshape(-1, dim)[cells].astype(dtype)
-    return b"".join((header, user, cells.tobytes(), log_count.tobytes(), mean.tobytes()))
+    n = len(batch)
+    flat_log = batch.log_count.reshape(n, -1)
+    occupied = np.isfinite(flat_log)
+    rows, cells = np.nonzero(occupied)  # row-major: each state's cells together, ascending
+    ends = np.cumsum(occupied.sum(axis=1)).tolist()
+    cell_bytes = cells.astype("<u2").tobytes()
+    log_bytes = flat_log[rows, cells].astype(dtype).tobytes()
+    mean_bytes = batch.mean.reshape(n, -1, dim)[rows, cells].astype(dtype).tobytes()
+    item, code = dtype.itemsize, _DTYPE_CODES[dtype]
+    encoded, start = [], 0
+    for user_id, landmark, last, count, applied, end in zip(
+        batch.user_ids, batch.landmark_t0.tolist(), batch.last_event_time.tolist(), batch.event_count.tolist(),
+        batch.applied_offset.tolist(), ends,
+    ):
+        user = user_id.encode("utf-8")
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, code, 0, version, groups, codes, rates, dim,
+                              landmark, last, count, applied, end - start, len(user))
+        encoded.append(b"".join((header, user, cell_bytes[2 * start:2 * end], log_bytes[item * start:item * end],
+                                 mean_bytes[item * dim * start:item * dim * end])))
+        start = end
+    return encoded
 
 
-def decode_user_state(data: bytes | memoryview) -> UserState:
-    """Parse a state written by :func:`encode_user_state` (any supported precision).
+class _Header(NamedTuple):
+    layout: tuple  # (model version, groups, codes, rates, dim, value dtype): one per batch
+    user_id: str
+    landmark_t0: float
+    last_event_time: float
+    event_count: int
+    applied_offset: int
+    cells: int
+    body: int  # where the user id ends and the cells begin
 
-    The arrays come back as float64 regardless of the wire precision, so that callers do the
-    same arithmetic whichever copy of a state they hold.
-    """
-    view = memoryview(data)
+
+def _read_header(view: memoryview) -> _Header:
     if len(view) < HEADER_BYTES:
         raise StateFormatError(f"{len(view)} bytes is shorter than a state header")
-    (
-        magic,
-        format_version,
-        dtype_code,
-        _flags,
-        version,
-        groups,
-        codes,
-        rates,
-        dim,
-        landmark_t0,
-        last_event_time,
-        event_count,
-        applied_offset,
-        n_cells,
-        user_len,
-    ) = _HEADER.unpack_from(view)
+    (magic, format_version, dtype_code, _flags, version, groups, codes, rates, dim, landmark_t0,
+     last_event_time, event_count, applied_offset, n_cells, user_len) = _HEADER.unpack_from(view)
     if magic != MAGIC:
         raise StateFormatError(f"not a VQL user state (magic {magic!r})")
     if format_version != FORMAT_VERSION:
@@ -138,37 +204,75 @@ def decode_user_state(data: bytes | memoryview) -> UserState:
     if dtype_code not in _CODE_DTYPES:
         raise StateFormatError(f"unknown value type code {dtype_code}")
     dtype = _CODE_DTYPES[dtype_code]
-    total_cells = groups * codes * rates
     expected = HEADER_BYTES + user_len + n_cells * (2 + dtype.itemsize * (1 + dim))
-    if n_cells > total_cells or len(view) != expected:
-        raise StateFormatError(
-            f"state body is {len(view)} bytes, expected {expected} for {n_cells} cells"
-        )
-    offset = HEADER_BYTES
+    if n_cells > groups * codes * rates or len(view) != expected:
+        raise StateFormatError(f"state body is {len(view)} bytes, expected {expected} for {n_cells} cells")
     try:
-        user_id = bytes(view[offset : offset + user_len]).decode("utf-8")
+        user_id = bytes(view[HEADER_BYTES:HEADER_BYTES + user_len]).decode("utf-8")
         model_version = version.decode("ascii")
     except UnicodeDecodeError as exc:
         raise StateFormatError(f"user id or model version is not text: {exc}") from exc
-    offset += user_len
-    cells = np.frombuffer(view, dtype="<u2", count=n_cells, offset=offset)
-    offset += 2 * n_cells
-    log_values = np.frombuffer(view, dtype=dtype, count=n_cells, offset=offset)
-    offset += dtype.itemsize * n_cells
-    mean_values = np.frombuffer(view, dtype=dtype, count=n_cells * dim, offset=offset)
-    if n_cells and int(cells.max()) >= total_cells:
+    return _Header((model_version, groups, codes, rates, dim, dtype), user_id, landmark_t0, last_event_time,
+                   event_count, applied_offset, n_cells, HEADER_BYTES + user_len)
+
+
+def decode_states(blobs: Sequence[bytes | memoryview], into: StateBatch | None = None,
+                  rows: np.ndarray | None = None) -> StateBatch:
+    """Parse states written by :func:`encode_states` (float64 whatever the wire precision).
+
+    They must share model version, shape and precision, as the states of one store or topic
+    do; anything else is a StateFormatError. With ``into``, state i overwrites row
+    ``rows[i]`` of that batch (which must have their model version and shape) and ``into``
+    is returned; otherwise they form a new batch.
+    """
+    if not blobs:
+        raise ValueError("decode_states needs at least one state")
+    views = [memoryview(blob) for blob in blobs]
+    headers = [_read_header(view) for view in views]
+    layout = headers[0].layout
+    if any(h.layout != layout for h in headers):
+        raise StateFormatError("states of one batch must share model version, shape and precision")
+    model_version, groups, codes, rates, dim, dtype = layout
+    if into is None:
+        into, rows = StateBatch.empty([""] * len(headers), model_version, (groups, codes, rates, dim)), None
+    elif (into.model_version, *into.shape) != layout[:5]:
+        raise StateFormatError(f"states of model {model_version} and shape {layout[1:5]} cannot join a batch of "
+                               f"model {into.model_version} and shape {into.shape}")
+    rows = np.arange(len(headers)) if rows is None else np.asarray(rows)
+    item = dtype.itemsize
+    cell_parts, log_parts, mean_parts = [], [], []
+    for row, view, h in zip(rows.tolist(), views, headers):
+        into.user_ids[row] = h.user_id
+        logs = h.body + 2 * h.cells
+        means = logs + item * h.cells
+        cell_parts.append(view[h.body:logs])
+        log_parts.append(view[logs:means])
+        mean_parts.append(view[means:])
+    cells = np.frombuffer(b"".join(cell_parts), "<u2").astype(np.int64)
+    total_cells = groups * codes * rates
+    if cells.size and int(cells.max()) >= total_cells:
         raise StateFormatError("a cell index lies outside the state's shape")
-    log_count = np.full(total_cells, -np.inf)
-    log_count[cells] = log_values
-    mean = np.zeros((total_cells, dim))
-    mean[cells] = mean_values.reshape(n_cells, dim)
-    return UserState(
-        user_id=user_id,
-        model_version=model_version,
-        landmark_t0=landmark_t0,
-        last_event_time=last_event_time,
-        event_count=event_count,
-        applied_offset=applied_offset,
-        log_count=log_count.reshape(groups, codes, rates),
-        mean=mean.reshape(groups, codes, rates, dim),
-    )
+    into.landmark_t0[rows] = [h.landmark_t0 for h in headers]
+    into.last_event_time[rows] = [h.last_event_time for h in headers]
+    into.event_count[rows] = [h.event_count for h in headers]
+    into.applied_offset[rows] = [h.applied_offset for h in headers]
+    flat_log = into.log_count.reshape(len(into), -1)
+    flat_mean = into.mean.reshape(len(into), -1, dim)
+    flat_log[rows] = -np.inf  # a state overwrites the row whole: cells it lacks are empty
+    flat_mean[rows] = 0.0
+    owner = np.repeat(rows, np.fromiter((h.cells for h in headers), np.int64, len(headers)))
+    flat_log[owner, cells] = np.frombuffer(b"".join(log_parts), dtype)
+    flat_mean[owner, cells] = np.frombuffer(b"".join(mean_parts), dtype).reshape(-1, dim)
+    return into
+
+
+def encode_user_state(state: UserState, dtype: np.dtype | type = np.float32) -> bytes:
+    """Serialise one state (:func:`encode_states` on a batch of one)."""
+    return encode_states(StateBatch.of([state]), dtype)[0]
+
+
+def decode_user_state(data: bytes | memoryview) -> UserState:
+    """Parse one state written by :func:`encode_user_state` (any supported precision); the
+    arrays come back as float64 regardless of the wire precision, so that callers do the
+    same arithmetic whichever copy of a state they hold."""
+    return decode_states([data]).state(0)

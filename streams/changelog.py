@@ -17,7 +17,7 @@ import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from vql.schemas.user_state import StateFormatError, decode_user_state
+from vql.schemas.user_state import StateBatch, StateFormatError, decode_user_state
 from vql.streams.state_store import PartitionStore
 
 log = logging.getLogger("vql.changelog")
@@ -67,7 +67,7 @@ async def restore_partition(
                     continue
                 pending.append(state)
             if pending or batches:
-                store.write(pending, None, last)
+                store.write(StateBatch.of(pending) if pending else None, None, last)
                 restored += len(pending)
                 pending = []
         if foreign:

@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from vql.schemas.user_state import UserState, encode_user_state
+from vql.schemas.user_state import StateBatch, encode_states
 from vql.streams.changelog import restore_partition
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter, RawRecord
 from vql.streams.settings import Settings
@@ -86,6 +86,8 @@ class Publisher:
         deliveries: list[tuple[int, int, asyncio.Future]] = []
         timestamp_ms = int(time.time() * 1000)
         for partition, states, _offset in result.writes:
+            if states is None:
+                continue
             for count, batch in self._batches(states, timestamp_ms):
                 future = await self.producer.send_batch(batch, self.settings.states_topic, partition=partition)
                 deliveries.append((partition, count, future))
@@ -100,16 +102,16 @@ class Publisher:
         await asyncio.gather(*letters)
         return reached
 
-    def _batches(self, states: list[UserState], timestamp_ms: int):
+    def _batches(self, states: StateBatch, timestamp_ms: int):
         """Producer batches of encoded states, each as large as the producer allows."""
         batch, count = self.producer.create_batch(), 0
-        for state in states:
-            key, value = state.user_id.encode(), encode_user_state(state, np.float32)
+        for key, value in zip(states.user_ids, encode_states(states, np.float32)):
+            key = key.encode()
             if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
                 yield count, batch
                 batch, count = self.producer.create_batch(), 0
                 if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
-                    raise ValueError(f"state of {state.user_id!r} ({len(value)} B) exceeds the producer batch size")
+                    raise ValueError(f"state of {key!r} ({len(value)} B) exceeds the producer batch size")
             count += 1
         if count:
             yield count, batch
@@ -264,7 +266,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         log.info(
             "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published; "
             "process %.0f ms (encode %.0f), publish %.0f ms, store+commit %.0f ms",
-            len(records), result.applied, result.duplicates, len(result.dead_letters), len(result.states),
+            len(records), result.applied, result.duplicates, len(result.dead_letters), result.state_count,
             (processed - started) * 1e3, result.encode_s * 1e3, (published - processed) * 1e3,
             (time.perf_counter() - published) * 1e3,
         )

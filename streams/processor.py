@@ -18,10 +18,10 @@ import numpy as np
 
 from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns
-from vql.model.state import apply_events, empty_state
+from vql.model.state import fold_events
 from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.events import BehaviorEvent
-from vql.schemas.user_state import UserState
+from vql.schemas.user_state import StateBatch, UserState
 from vql.streams.state_store import PartitionStore, partition_store_path
 
 
@@ -43,10 +43,11 @@ class DeadLetter:
 
 @dataclass
 class BatchResult:
-    """What a batch changed: states to publish, records to dead-letter, writes to commit."""
+    """What a batch changed: states to publish, records to dead-letter, writes to commit
+    (per partition: the changed states, as one StateBatch, and the processed offset)."""
 
     dead_letters: list[DeadLetter] = field(default_factory=list)
-    writes: list[tuple[int, list[UserState], int]] = field(default_factory=list)
+    writes: list[tuple[int, StateBatch | None, int]] = field(default_factory=list)
     event_ids: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # partition -> user -> window
     applied: int = 0
     duplicates: int = 0
@@ -55,9 +56,20 @@ class BatchResult:
     code_counts: np.ndarray | None = None  # (G, K) codes assigned in this batch
 
     @property
+    def state_count(self) -> int:
+        """How many states the batch changed, over all partitions."""
+        return sum(len(states) for _partition, states, _offset in self.writes if states is not None)
+
+    @property
+    def user_ids(self) -> list[str]:
+        """The users whose states the batch changed."""
+        return [u for _partition, states, _offset in self.writes if states is not None for u in states.user_ids]
+
+    @property
     def states(self) -> list[UserState]:
-        """Every state the batch changed, over all partitions."""
-        return [state for _partition, states, _offset in self.writes for state in states]
+        """Every state the batch changed, over all partitions (as objects: for tools and tests)."""
+        return [state for _partition, states, _offset in self.writes if states is not None
+                for state in states.states()]
 
 
 class BatchProcessor:
@@ -182,28 +194,25 @@ class BatchProcessor:
         codes: np.ndarray | None,
         values: np.ndarray | None,
         result: BatchResult,
-    ) -> list[UserState]:
+    ) -> StateBatch | None:
         if rows.size == 0:
-            return []
+            return None
         user_ids = [events[i].user_id for i in rows]
         users = sorted(set(user_ids))
         slot = {u: i for i, u in enumerate(users)}
-        store = self.store(partition)
-        stored = store.load(users)
-        states = [s or empty_state(u, self.model_version, self._shape) for u, s in zip(users, stored)]
+        states = self.store(partition).load(users, self._shape)
         owner = np.fromiter((slot[u] for u in user_ids), np.int64, rows.size)
         offsets = np.fromiter((kept[i].offset for i in rows), np.int64, rows.size)
         keep = np.ones(rows.size, dtype=bool)
         if self.event_id_window:
-            keep = self._drop_repeated_ids(partition, rows, events, kept, states, owner, offsets, users, result)
-        applied = apply_events(
+            keep = self._drop_repeated_ids(partition, rows, events, kept, states, owner, offsets, result)
+        applied = fold_events(
             states, owner[keep], codes[rows[keep]], values[rows[keep]].astype(np.float64), columns.time_s[rows[keep]],
             self._decay, offsets[keep],
         )
         result.applied += int(applied.sum())
         result.duplicates += int((~applied).sum())
-        changed = np.unique(owner[keep][applied])
-        return [states[i] for i in changed]
+        return states.take(np.unique(owner[keep][applied]))
 
     def _drop_repeated_ids(
         self,
@@ -211,39 +220,48 @@ class BatchProcessor:
         rows: np.ndarray,
         events: list[BehaviorEvent],
         kept: list[RawRecord],
-        states: list[UserState],
+        states: StateBatch,
         owner: np.ndarray,
         offsets: np.ndarray,
-        users: list[str],
         result: BatchResult,
     ) -> np.ndarray:
-        """Dead-letter events whose id the user already sent (within the last
-        ``event_id_window`` ids); returns the mask of rows to apply.
+        """Dead-letter events whose id the user already sent (among the last
+        ``event_id_window`` ids accepted before this batch, or earlier in this batch);
+        returns the mask of rows to apply.
 
         Only rows above the user's applied offset are judged: a row at or below it is a
-        redelivery of this very record, which the offsets already make a no-op.
+        redelivery of this very record, which the offsets already make a no-op. In one sort
+        over (user, fingerprint, arrival) of the stored windows followed by the batch in
+        offset order, a batch row is a repeat unless it comes first among its equals.
         """
+        users = states.user_ids
         windows = self.store(partition).load_event_ids(users)
-        floor = np.fromiter((s.applied_offset for s in states), np.int64, len(states))
+        order = np.argsort(offsets, kind="stable")
+        judged = order[offsets[order] > states.applied_offset[owner[order]]]
+        fingerprints = np.fromiter((_fingerprint(events[rows[j]].event_id) for j in judged), np.uint64, judged.size)
+        stored = sum(w.size for w in windows)
+        who = np.concatenate([np.repeat(np.arange(len(users)), [w.size for w in windows]), owner[judged]])
+        what = np.concatenate([*windows, fingerprints]) if stored else fingerprints
+        ranked = np.lexsort((np.arange(who.size), what, who))
+        first = np.ones(who.size, dtype=bool)
+        first[1:] = (who[ranked][1:] != who[ranked][:-1]) | (what[ranked][1:] != what[ranked][:-1])
+        repeated = np.empty(who.size, dtype=bool)
+        repeated[ranked] = ~first
+        repeated = repeated[stored:]  # the batch's rows, aligned with ``judged``
+
         keep = np.ones(rows.size, dtype=bool)
-        seen = [set(w.tolist()) for w in windows]
-        added: list[list[int]] = [[] for _ in users]
-        for j in np.argsort(offsets, kind="stable"):
-            u = owner[j]
-            if offsets[j] <= floor[u]:
-                continue
-            fingerprint = _fingerprint(events[rows[j]].event_id)
-            if fingerprint in seen[u]:
-                keep[j] = False
-                result.dead_letters.append(DeadLetter(kept[rows[j]], Rejection(
-                    Reason.DUPLICATE_EVENT_ID,
-                    f"event_id {events[rows[j]].event_id!r} was already received for this user")))
-            else:
-                seen[u].add(fingerprint)
-                added[u].append(fingerprint)
+        keep[judged[repeated]] = False
+        for j in judged[repeated]:
+            result.dead_letters.append(DeadLetter(kept[rows[j]], Rejection(
+                Reason.DUPLICATE_EVENT_ID,
+                f"event_id {events[rows[j]].event_id!r} was already received for this user")))
+        new_owner, new_ids = owner[judged[~repeated]], fingerprints[~repeated]
+        by_user = np.argsort(new_owner, kind="stable")  # keeps offset order within a user
+        bounds = np.searchsorted(new_owner[by_user], np.arange(len(users) + 1))
+        new_ids = new_ids[by_user]
         result.event_ids[partition] = {
-            users[u]: np.concatenate([windows[u], np.asarray(ids, np.uint64)])[-self.event_id_window:]
-            for u, ids in enumerate(added) if ids
+            users[u]: np.concatenate([windows[u], new_ids[bounds[u]:bounds[u + 1]]])[-self.event_id_window:]
+            for u in np.flatnonzero(np.diff(bounds))
         }
         return keep
 

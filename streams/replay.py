@@ -89,7 +89,7 @@ class ReplayReport:
         self.applied += result.applied
         self.skipped += result.duplicates
         self.dead_letters.update(letter.rejection.reason.value for letter in result.dead_letters)
-        self.users.update(state.user_id for state in result.states)
+        self.users.update(result.user_ids)
 
 
 class StateSink:
@@ -104,7 +104,7 @@ class StateSink:
         changelog = await self.publisher.publish(result) if self.publisher else None
         self.processor.commit(result, changelog)
         if self.publisher:
-            report.states_published += len(result.states)
+            report.states_published += result.state_count
 
 
 async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool) -> StateSink:

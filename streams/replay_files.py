@@ -2,7 +2,7 @@
 
 pyarrow -> the event contract (schemas/arrow.py) -> vectorised validation -> duplicate event
 ids dropped (Arrow group-by) -> :meth:`VQLModel.encode` once per distinct feature row ->
-:func:`vql.model.state.apply_events` per few thousand users -> the worker's stores (and,
+:func:`vql.model.state.fold_events` per few thousand users -> the worker's stores (and,
 optionally, the states topic) through the same :class:`StateSink` as a topic replay. Python
 runs per user (state objects) and per chunk, never per event.
 
@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from vql.model.encoder import VQLModel
 from vql.model.features import ACTION_INDEX, MODALITY_INDEX, BehaviorColumns, hash_buckets
-from vql.model.state import apply_events, empty_state
+from vql.model.state import fold_events
 from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
 from vql.schemas.decode import Reason
 from vql.schemas.events import Action, Modality
@@ -224,14 +224,11 @@ def _fold(processor: BatchProcessor, partition: int, rows: np.ndarray, users: np
     ids, local = np.unique(owner[rows], return_inverse=True)
     names = [str(u) for u in users[ids]]
     cfg = processor.model.config
-    shape = (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)
-    states = [s or empty_state(name, processor.model_version, shape)
-              for name, s in zip(names, processor.store(partition).load(names))]
-    applied = apply_events(states, local, codes[rows], values[rows].astype(np.float64), times_s[rows],
-                           np.asarray(cfg.decay_rates), offsets[rows])
+    states = processor.store(partition).load(names, (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim))
+    applied = fold_events(states, local, codes[rows], values[rows].astype(np.float64), times_s[rows],
+                          np.asarray(cfg.decay_rates), offsets[rows])
     result = BatchResult(applied=int(applied.sum()), duplicates=int((~applied).sum()))
-    changed = np.unique(local[applied])
-    result.writes = [(partition, [states[i] for i in changed], processed)]
+    result.writes = [(partition, states.take(np.unique(local[applied])), processed)]
     return result
 
 

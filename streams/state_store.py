@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 from rocksdict import Options, Rdict, WriteBatch
 
-from vql.schemas.user_state import StateFormatError, UserState, decode_user_state, encode_user_state
+from vql.schemas.user_state import (
+    StateBatch,
+    StateFormatError,
+    UserState,
+    decode_states,
+    decode_user_state,
+    encode_states,
+)
 
 _META = b"\x00meta/"
 _MODEL_KEY = _META + b"model_version"
@@ -48,6 +55,7 @@ class PartitionStore:
 
     def __init__(self, path: Path, model_version: str) -> None:
         self.path = path
+        self.model_version = model_version
         self._db = open_rocksdb(path, StoreError, "the RocksDB store")
         stamp = self._db.get(_MODEL_KEY)
         if stamp is None:
@@ -62,26 +70,32 @@ class PartitionStore:
                 "a new model needs a new store, built by replay (docs/operations.md)"
             )
 
-    def load(self, user_ids: Sequence[str]) -> list[UserState | None]:
-        """The stored states of these users (None for a user never seen)."""
+    def load(self, user_ids: Sequence[str], shape: tuple[int, int, int, int]) -> StateBatch:
+        """The stored states of these users, in order, as one batch; a user never seen gets
+        an empty state of ``shape``."""
+        batch = StateBatch.empty(user_ids, self.model_version, shape)
         raw = self._db.get([_USER + u.encode() for u in user_ids])
-        try:
-            return [None if blob is None else decode_user_state(blob) for blob in raw]
-        except StateFormatError as exc:
-            raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
+        found = [i for i, blob in enumerate(raw) if blob is not None]
+        if found:
+            try:
+                decode_states([raw[i] for i in found], into=batch, rows=np.asarray(found))
+            except StateFormatError as exc:
+                raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
+        return batch
 
     def load_event_ids(self, user_ids: Sequence[str]) -> list[np.ndarray]:
         """Each user's recent event-id fingerprints (uint64, oldest first; empty if none)."""
         raw = self._db.get([_EVENT_IDS + u.encode() for u in user_ids])
         return [np.empty(0, np.uint64) if blob is None else np.frombuffer(blob, "<u8") for blob in raw]
 
-    def write(self, states: Sequence[UserState], processed_offset: int | None,
+    def write(self, states: StateBatch | None, processed_offset: int | None,
               changelog_offset: int | None = None, event_ids: dict[str, np.ndarray] | None = None) -> None:
         """Persist states, users' recent event ids, the partition's processed offset and the
         offset of the changelog (the published states topic) they reach, atomically."""
         batch = WriteBatch(raw_mode=True)
-        for state in states:
-            batch.put(_USER + state.user_id.encode(), encode_user_state(state, np.float64))
+        if states is not None and len(states):
+            for user_id, blob in zip(states.user_ids, encode_states(states, np.float64)):
+                batch.put(_USER + user_id.encode(), blob)
         for user_id, fingerprints in (event_ids or {}).items():
             batch.put(_EVENT_IDS + user_id.encode(), fingerprints.astype("<u8").tobytes())
         if processed_offset is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
@@ -28,6 +30,12 @@ def processor(tmp_path):
     proc.close()
 
 
+def stored(processor: BatchProcessor, partition: int, users: list[str]):
+    """The partition store's states of ``users`` (an empty state for a user it never saw)."""
+    cfg = processor.model.config
+    return processor.store(partition).load(users, (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim))
+
+
 def records(partition: int, start: int, values: list[tuple[bytes | None, bytes | None]]) -> list[RawRecord]:
     return [RawRecord(partition, start + i, key, value) for i, (key, value) in enumerate(values)]
 
@@ -43,11 +51,11 @@ def test_bad_records_become_dead_letters_and_good_ones_apply(processor):
 
 def test_nothing_is_durable_until_commit(processor):
     processor.process(records(0, 0, [(b"a", event("a", 1, 5))]))
-    assert processor.store(0).load(["a"]) == [None] and processor.store(0).processed_offset() is None
+    assert stored(processor, 0, ["a"]).event_count.tolist() == [0] and processor.store(0).processed_offset() is None
     result = processor.process(records(0, 0, [(b"a", event("a", 1, 5))]))
     processor.commit(result)
-    [stored] = processor.store(0).load(["a"])
-    assert stored.event_count == 1 and stored.applied_offset == 0
+    [state] = stored(processor, 0, ["a"]).states()
+    assert state.event_count == 1 and state.applied_offset == 0
     assert processor.store(0).processed_offset() == 0
 
 
@@ -62,8 +70,8 @@ def test_a_redelivered_batch_is_skipped(processor):
 def test_partitions_have_separate_stores(processor):
     processor.commit(processor.process(records(0, 0, [(b"a", event("a", 1, 1))]) +
                                        records(1, 0, [(b"b", event("b", 1, 1))])))
-    assert processor.store(0).load(["a", "b"])[1] is None
-    assert processor.store(1).load(["b"])[0].event_count == 1
+    assert stored(processor, 0, ["a", "b"]).event_count.tolist() == [1, 0]
+    assert stored(processor, 1, ["b"]).event_count.tolist() == [1]
 
 
 def test_a_store_of_another_model_is_refused(tmp_path):
@@ -123,7 +131,7 @@ def test_a_repeated_event_id_is_dead_lettered_but_a_redelivery_is_not(processor,
     # offset) is a no-op, not a duplicate id
     elsewhere = BatchProcessor(processor.model, "v" * 16, tmp_path / "elsewhere", "behaviors", EventPolicy(),
                                clock_ms=lambda: NOW_MS)
-    elsewhere.store(0).write(processor.store(0).load(["a"]), None,
+    elsewhere.store(0).write(stored(processor, 0, ["a"]), None,
                              event_ids={"a": processor.store(0).load_event_ids(["a"])[0]})
     assert elsewhere.store(0).processed_offset() is None
     again = elsewhere.process(first[:2])
@@ -141,3 +149,36 @@ def test_the_id_window_is_bounded(tmp_path):
     result = proc.process(records(0, 6, [(b"a", event("a", 0, 10)), (b"a", event("a", 5, 15))]))
     assert [d.record.offset for d in result.dead_letters] == [7]
     proc.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sends=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 5)), min_size=1, max_size=40),
+       cuts=st.sets(st.integers(1, 39)), window=st.integers(1, 4))
+def test_repeated_ids_match_a_per_user_window_of_accepted_ids(tmp_path_factory, sends, cuts, window):
+    """Whatever the batching, an event is a repeat exactly when its id is among the last
+    ``window`` ids its user had accepted before the batch, or accepted earlier in the batch
+    (a batch never forgets its own ids): the reference is a plain per-user list."""
+    model = VQLModel(ModelConfig(item_buckets=256, category_buckets=16))
+    proc = BatchProcessor(model, "v" * 16, tmp_path_factory.mktemp("ids"), "behaviors", EventPolicy(),
+                          clock_ms=lambda: NOW_MS, event_id_window=window)
+    values = [orjson.dumps({"event_id": f"id-{i}", "user_id": u, "item_id": i, "action": "click",
+                            "event_time_ms": NOW_MS - n * 1000, "context": {"category": 1, "modality": "video"}})
+              for n, (u, i) in enumerate(sends)]
+    stream = records(0, 0, [(u.encode(), v) for (u, _i), v in zip(sends, values)])
+    repeats, expected = [], []
+    accepted: dict[str, list[int]] = {}
+    bounds = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        result = proc.process(stream[lo:hi])
+        proc.commit(result)
+        repeats += [d.record.offset for d in result.dead_letters]
+        remembered = {user: set(ids[-window:]) for user, ids in accepted.items()}
+        for offset in range(lo, hi):
+            user, item = sends[offset]
+            if item in remembered.setdefault(user, set()):
+                expected.append(offset)
+            else:
+                remembered[user].add(item)
+                accepted.setdefault(user, []).append(item)
+    proc.close()
+    assert sorted(repeats) == expected

@@ -21,9 +21,12 @@ from vql.model.state import NO_OFFSET, empty_state
 from vql.schemas.user_state import (
     FORMAT_VERSION,
     HEADER_BYTES,
+    StateBatch,
     StateFormatError,
     UserState,
+    decode_states,
     decode_user_state,
+    encode_states,
     encode_user_state,
 )
 
@@ -286,6 +289,57 @@ def test_cell_indices_are_written_strictly_ascending(state: UserState) -> None:
 
     assert (np.diff(cells.astype(np.int64)) > 0).all()
     assert cells.tolist() == np.flatnonzero(np.isfinite(state.log_count.reshape(-1))).tolist()
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+@st.composite
+def state_lists(draw: st.DrawFn) -> list[UserState]:
+    """1-8 random states of one model and shape (a store's or a topic's states)."""
+    first = draw(user_states())
+    more = draw(st.lists(user_states(), max_size=7))
+    shaped = [s for s in more if s.shape == first.shape]
+    for state in shaped:
+        state.model_version = first.model_version
+    return [first, *shaped]
+
+
+@settings(max_examples=100, deadline=None)
+@given(states=state_lists(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_a_batch_encodes_to_the_bytes_of_its_states_one_by_one(states: list[UserState], dtype) -> None:
+    """The worker encodes whole batches; each state's bytes must be what the one-state
+    codec (pinned by the golden bytes) writes."""
+    singles = [encode_user_state(s, dtype) for s in states]
+    assert encode_states(StateBatch.of(states), dtype) == singles
+    decoded = decode_states(singles)
+    for row, state in enumerate(states):
+        assert_header_equal(decoded.state(row), decode_user_state(singles[row]))
+        assert_bits_equal(decoded.log_count[row], decode_user_state(singles[row]).log_count)
+        assert_bits_equal(decoded.mean[row], decode_user_state(singles[row]).mean)
+
+
+def test_decoding_into_rows_overwrites_them_whole() -> None:
+    shape = (1, 2, 2, 2)
+    old = make_state(shape, {0: (1.0, [1.0, 1.0]), 3: (2.0, [2.0, 2.0])}, user_id="old")
+    new = make_state(shape, {1: (0.5, [1.0, 2.0])}, user_id="new")
+    batch = StateBatch.of([old, old, old])
+    decode_states([encode_user_state(new, np.float64)], into=batch, rows=np.array([1]))
+    assert batch.user_ids == ["old", "new", "old"]
+    assert_bits_equal(batch.log_count[1], new.log_count)
+    assert_bits_equal(batch.mean[1], new.mean)
+    assert_bits_equal(batch.log_count[2], old.log_count)
+
+
+def test_a_batch_of_mixed_models_or_shapes_is_refused() -> None:
+    one = encode_user_state(make_state((1, 2, 2, 2), {}), np.float32)
+    other_shape = encode_user_state(make_state((1, 2, 1, 2), {}), np.float32)
+    other_precision = encode_user_state(make_state((1, 2, 2, 2), {}), np.float64)
+    for pair in ([one, other_shape], [one, other_precision]):
+        with pytest.raises(StateFormatError, match="share"):
+            decode_states(pair)
+    with pytest.raises(StateFormatError, match="cannot join"):
+        decode_states([other_shape], into=StateBatch.of([make_state((1, 2, 2, 2), {})]), rows=np.array([0]))
 
 
 # ------------------------------------------------------------------------- refusals
