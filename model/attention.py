@@ -43,14 +43,15 @@ def masked_attention(
 ) -> torch.Tensor:
     """Attention of targets over events.
 
-    queries (B, T, H, d); keys, values (B, L, H, d) (``keys`` None: all logits zero);
-    mask (B, T, L) or (B, T, H, L) bool; log_kernel broadcastable to (B, T, H, L).
-    Returns (B, T, H, d).
+    queries (B, T, H, d); keys, values (B, L, H, d), or (B, T, L, H, d) when each target
+    has events of its own (retrieval: SIM) (``keys`` None: all logits zero); mask (B, T, L)
+    or (B, T, H, L) bool; log_kernel broadcastable to (B, T, H, L). Returns (B, T, H, d).
     """
+    events = "btlhd" if values.dim() == 5 else "blhd"
     if keys is None:
-        logits = torch.zeros(queries.shape[:3] + (values.shape[1],), dtype=values.dtype, device=values.device)
+        logits = torch.zeros(queries.shape[:3] + (values.shape[-3],), dtype=values.dtype, device=values.device)
     else:
-        logits = torch.einsum("bthd,blhd->bthl", queries, keys) / math.sqrt(queries.shape[-1])
+        logits = torch.einsum(f"bthd,{events}->bthl", queries, keys) / math.sqrt(queries.shape[-1])
     if log_kernel is not None:
         logits = logits + log_kernel
     if mask.dim() == 3:
@@ -58,7 +59,7 @@ def masked_attention(
     logits = logits.masked_fill(~mask, float("-inf"))
     seen = mask.any(dim=-1, keepdim=True)
     weights = torch.softmax(logits.masked_fill(~seen, 0.0), dim=-1) * seen
-    return torch.einsum("bthl,blhd->bthd", weights, values)
+    return torch.einsum(f"bthl,{events}->bthd", weights, values)
 
 
 def prefix_mask(visible: torch.Tensor, length: int) -> torch.Tensor:

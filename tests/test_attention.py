@@ -14,6 +14,7 @@ from vql.model.config import ModelConfig
 from vql.model.ctr import TensorBatch
 from vql.model.datasets import SyntheticSpec, make_synthetic, user_batches
 from vql.model.zoo import MODELS
+from vql.model.zoo.sim import SIMHardModel
 
 CPU = torch.device("cpu")
 SPEC = SyntheticSpec(users=12, events_per_user=400, targets_per_user=6, items_per_category=10, recent_noise=40)
@@ -28,11 +29,13 @@ def _loss_and_grads(model, batch):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("name", ["vql", "full", "din50", "sdim", "mean"])
+@pytest.mark.parametrize("name", ["vql", "full", "din50", "sdim", "mean", "sim", "sim3"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_whole_history_path_equals_the_per_event_formula(name, seed):
     data = make_synthetic(replace(SPEC, seed=seed))
-    model = MODELS[name](ModelConfig(item_buckets=512, category_buckets=64, codes=8, seed=seed)).double()
+    config = ModelConfig(item_buckets=512, category_buckets=64, codes=8, seed=seed)
+    # sim3 keeps 3 events of a category, so that the cut to the newest k is exercised
+    model = (SIMHardModel(config, k=3) if name == "sim3" else MODELS[name](config)).double()
     model.train()
     # ragged rows: cut users' histories to different lengths so that padding is exercised
     numpy_batch = next(user_batches(data.histories, data.train, 6, None, shuffle=True, seed=seed))
