@@ -83,27 +83,35 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.config import ModelConfig
     from vql.model.datasets import DatasetUnavailable, load_dataset
     from vql.model.encoder import VQLModel, default_device
-    from vql.model.training import TrainConfig, evaluate, train
+    from vql.model.experiments import RECIPES
+    from vql.model.training import evaluate, train
 
+    recipe = RECIPES[args.dataset]
     try:
-        data = load_dataset(args.dataset)
+        data = load_dataset(args.dataset, **recipe.data)
     except DatasetUnavailable as exc:
         print(f"vql train: {exc}", file=sys.stderr)
         return 1
+    config = replace(recipe.train, seed=args.seed, max_events=args.max_events, **_recipe_overrides(args))
     model = VQLModel(ModelConfig(seed=args.seed))
     device = default_device()
-    report = train(model, data.histories, data.train,
-                   TrainConfig(epochs=args.epochs, users_per_batch=args.users_per_batch,
-                               learning_rate=args.lr, max_events=args.max_events, seed=args.seed), device)
+    report = train(model, data.histories, data.train, config, device)
     metrics = evaluate(model, data.histories, data.test, device, max_events=args.max_events)
     out = args.out or settings.model_path
     version = model.save(out)
     seconds = ", ".join(f"{s:.1f}" for s in report.epoch_seconds)
-    print(f"trained VQL on {data.name}: epoch seconds [{seconds}], losses "
-          f"{[round(x, 4) for x in report.epoch_losses]}")
+    print(f"trained VQL on {data.name} ({config.epochs} epochs, {config.warmup_epochs} unquantized): epoch seconds "
+          f"[{seconds}], losses {[round(x, 4) for x in report.epoch_losses]}")
     print("test " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"wrote model {version} to {out}")
     return 0
+
+
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    """The training flags given on the command line, over a dataset's recipe."""
+    flags = (("epochs", args.epochs), ("users_per_batch", args.users_per_batch), ("learning_rate", args.lr),
+             ("warmup_epochs", getattr(args, "warmup_epochs", None)))
+    return {name: value for name, value in flags if value is not None}
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
@@ -112,8 +120,7 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.encoder import default_device
     from vql.model.experiments import RECIPES, run_grid
 
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("users_per_batch", args.users_per_batch),
-                                   ("learning_rate", args.lr)) if v is not None}
+    overrides = _recipe_overrides(args)
     try:
         datasets = [(load_dataset(name, **RECIPES[name].data), replace(RECIPES[name].train, **overrides))
                     for name in args.datasets]
@@ -209,10 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train VQL on a dataset and write the model artifact",
                                 description="Train the VQL CTR model end to end (BCE + commitment loss, "
                                 "EMA codebooks) and write config + weights + codebooks + version hash.")
-    train.add_argument("--dataset", choices=["movielens", "synthetic"], default="movielens")
-    train.add_argument("--epochs", type=int, default=2)
-    train.add_argument("--users-per-batch", type=int, default=16)
-    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--dataset", choices=["movielens", "synthetic"], default="movielens",
+                       help="data set; its recipe (model/experiments.py) gives the data and training defaults")
+    train.add_argument("--epochs", type=int, help="override the recipe")
+    train.add_argument("--warmup-epochs", type=int, help="unquantized epochs first (override the recipe)")
+    train.add_argument("--users-per-batch", type=int, help="override the recipe")
+    train.add_argument("--lr", type=float, help="override the recipe")
     train.add_argument("--max-events", type=int, default=None, help="train on the newest events only")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", type=Path, help="artifact path (default: $VQL_MODEL_PATH)")

@@ -37,3 +37,16 @@ def test_a_bad_setting_is_reported_not_raised(monkeypatch, capsys):
     monkeypatch.setenv("VQL_BATCH_SIZE", "many")
     assert main(["model", "init", "--out", "/nonexistent/x.npz"]) == 2
     assert "bad setting VQL_BATCH_SIZE='many'" in capsys.readouterr().err
+
+
+def test_train_follows_the_recipe_and_writes_a_loadable_artifact(tmp_path, capsys):
+    from vql.model.encoder import VQLModel
+
+    out = tmp_path / "m.npz"
+    # the synthetic recipe's data, cut to the newest 30 events and two epochs to stay quick
+    assert main(["train", "--dataset", "synthetic", "--epochs", "2", "--warmup-epochs", "1", "--max-events", "30",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(2 epochs, 1 unquantized)" in printed and "test auc" in printed
+    _model, version = VQLModel.load(out)
+    assert version in printed
