@@ -158,14 +158,14 @@ def encode_states(batch: StateBatch, dtype: np.dtype | type = np.float32) -> lis
     version = batch.model_version.encode("ascii")
     if len(version) != MODEL_VERSION_BYTES:
         raise ValueError(f"model version must be {MODEL_VERSION_BYTES} ASCII characters")
-    n = len(batch)
-    flat_log = batch.log_count.reshape(n, -1)
+    n, total_cells = len(batch), groups * codes * rates
+    flat_log = batch.log_count.reshape(n, total_cells)  # explicit sizes: a batch may be empty
     occupied = np.isfinite(flat_log)
     rows, cells = np.nonzero(occupied)  # row-major: each state's cells together, ascending
     ends = np.cumsum(occupied.sum(axis=1)).tolist()
     cell_bytes = cells.astype("<u2").tobytes()
     log_bytes = flat_log[rows, cells].astype(dtype).tobytes()
-    mean_bytes = batch.mean.reshape(n, -1, dim)[rows, cells].astype(dtype).tobytes()
+    mean_bytes = batch.mean.reshape(n, total_cells, dim)[rows, cells].astype(dtype).tobytes()
     item, code = dtype.itemsize, _DTYPE_CODES[dtype]
     encoded, start = [], 0
     for user_id, landmark, last, count, applied, end in zip(

@@ -319,6 +319,12 @@ def test_a_batch_encodes_to_the_bytes_of_its_states_one_by_one(states: list[User
         assert_bits_equal(decoded.mean[row], decode_user_state(singles[row]).mean)
 
 
+def test_an_empty_batch_encodes_to_no_states() -> None:
+    """A micro-batch whose events were all redeliveries changes no state: nothing to publish."""
+    empty = StateBatch.empty([], MODEL_VERSION, (2, 4, 3, 5))
+    assert encode_states(empty, np.float32) == [] and encode_states(empty, np.float64) == []
+
+
 def test_decoding_into_rows_overwrites_them_whole() -> None:
     shape = (1, 2, 2, 2)
     old = make_state(shape, {0: (1.0, [1.0, 1.0]), 3: (2.0, [2.0, 2.0])}, user_id="old")
