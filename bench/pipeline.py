@@ -25,7 +25,7 @@ from vql.schemas.user_state import decode_user_state
 from vql.streams.demo import start_worker, stop_worker
 from vql.streams.demo_events import DemoSpec, generate, history_lengths
 from vql.streams.settings import Settings
-from vql.streams.topics import ensure_topics, producer, read_topic
+from vql.streams.topics import ensure_topics, produce_all, producer, read_topic
 
 # Demo users with a modest history each: the stream touches many users per batch.
 SPEC = DemoSpec(users=5000, mean_events=20, heavy_users=0)
@@ -71,11 +71,7 @@ def _wait_for_states(settings: Settings, total: int, timeout_s: float, worker) -
 
 def throughput(base: Settings, work_dir: Path, events: int, timeout_s: float) -> float:
     settings = _prepare(base, work_dir, "throughput")
-    client = producer(settings.kafka_bootstrap)
-    for key, value in _records(events):
-        client.send(settings.behaviors_topic, key=key, value=value)
-    client.flush()
-    client.close()
+    produce_all(settings.kafka_bootstrap, settings.behaviors_topic, _records(events))
     worker = start_worker(settings, work_dir / "throughput-worker.log")
     try:
         _wait_for_states(settings, events, timeout_s, worker)

@@ -34,7 +34,7 @@ from vql.streams.demo_events import DemoSpec, generate
 from vql.streams.replay import ReplayReport, run_replay_topic
 from vql.streams.replay_files import run_replay_files
 from vql.streams.settings import Settings
-from vql.streams.topics import ensure_topics, producer
+from vql.streams.topics import ensure_topics, produce_all
 
 MEAN_EVENTS = 50  # events per demo user: replays rebuild long histories
 
@@ -81,11 +81,7 @@ def from_topic(base: Settings, work_dir: Path, events: int) -> float:
     version = VQLModel(ModelConfig()).save(settings.model_path)
     model, _ = VQLModel.load(settings.model_path)
     ensure_topics(settings)
-    client = producer(settings.kafka_bootstrap)
-    for key, value in demo_records(events):
-        client.send(settings.behaviors_topic, key=key, value=value)
-    client.flush()
-    client.close()
+    produce_all(settings.kafka_bootstrap, settings.behaviors_topic, demo_records(events))
     report = run_replay_topic(settings, model, version, publish=True, progress=False)
     return _emit("topic", report, partitions=settings.partitions, published=True)
 

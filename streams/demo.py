@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from vql.streams.demo_events import ITEMS_PER_CATEGORY, DemoSpec, generate, history_lengths, user_id
 from vql.streams.settings import Settings
-from vql.streams.topics import CompactedView, ensure_topics, latest_by_key, producer, read_topic
+from vql.streams.topics import CompactedView, ensure_topics, latest_by_key, produce_all, read_topic
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -48,21 +48,15 @@ def stop_worker(worker: subprocess.Popen, timeout_s: float = 30.0) -> int:
 
 def produce_demo_events(settings: Settings, spec: DemoSpec, progress: bool = True) -> tuple[int, dict[str, int]]:
     """Produce the spec's events; return the count and raw JSON bytes per user."""
-    client = producer(settings.kafka_bootstrap)
     raw_bytes: dict[str, int] = {}
-    total = int(history_lengths(spec).sum())
-    count = 0
-    with tqdm(total=total, desc="producing events", unit="ev", disable=not progress) as bar:
+
+    def counted():
         for key, value in generate(spec, now_ms=int(time.time() * 1000)):
-            client.send(settings.behaviors_topic, key=key, value=value)
-            user = key.decode()
-            raw_bytes[user] = raw_bytes.get(user, 0) + len(value)
-            count += 1
-            if count % 5000 == 0:
-                bar.update(5000)
-        bar.update(count % 5000)
-    client.flush()
-    client.close()
+            raw_bytes[key.decode()] = raw_bytes.get(key.decode(), 0) + len(value)
+            yield key, value
+
+    count = produce_all(settings.kafka_bootstrap, settings.behaviors_topic, counted(),
+                        int(history_lengths(spec).sum()), "producing events" if progress else None)
     return count, raw_bytes
 
 

@@ -26,7 +26,7 @@ from vql.schemas.decode import EventPolicy, Rejection, decode_event
 from vql.schemas.events import BehaviorEvent
 from vql.schemas.user_state import StateFormatError, UserState, decode_user_state
 from vql.streams.replay_files import read_events
-from vql.streams.topics import latest_by_key, producer, read_topic
+from vql.streams.topics import latest_by_key, produce_all, read_topic
 
 ROW_GROUP = 65_536
 
@@ -112,20 +112,9 @@ def _fixed_lists(arrays: list[np.ndarray], kind: pa.FixedSizeListType) -> pa.Fix
 def import_events(paths: Sequence[Path], bootstrap: str, topic: str, progress: bool = True) -> int:
     """Produce the rows of ``paths`` to ``topic`` as JSON events keyed by user id; returns
     the count. Source columns (partition, offset) are not reused: Kafka assigns new ones."""
-    client = producer(bootstrap)
-    sent = 0
     table = read_events(paths)
-    with tqdm(total=table.num_rows, desc=f"import to {topic}", unit="ev", unit_scale=True,
-              disable=not progress) as bar:
-        for key, value in _json_records(table):
-            client.send(topic, key=key, value=value)
-            sent += 1
-            if sent % 10_000 == 0:
-                bar.update(10_000)
-        bar.update(sent % 10_000)
-    client.flush()
-    client.close()
-    return sent
+    return produce_all(bootstrap, topic, _json_records(table), table.num_rows,
+                       f"import to {topic}" if progress else None)
 
 
 def _json_records(table: pa.Table) -> Iterator[tuple[bytes | None, bytes]]:

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from tqdm import tqdm
 
 from vql.streams.settings import Settings
 
@@ -84,6 +85,24 @@ def producer(bootstrap: str) -> KafkaProducer:
         compression_type=None,
         max_request_size=16 * 1024 * 1024,
     )
+
+
+def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
+                total: int | None = None, desc: str | None = None) -> int:
+    """Send (key, value) records to ``topic`` with :func:`producer`, wait until Kafka has
+    them all, and return the count; with ``desc``, a progress bar of that name."""
+    client = producer(bootstrap)
+    sent = 0
+    try:
+        with tqdm(total=total, desc=desc, unit="ev", unit_scale=True, disable=desc is None, miniters=5000) as bar:
+            for key, value in records:
+                client.send(topic, key=key, value=value)
+                sent += 1
+                bar.update()
+        client.flush()
+    finally:
+        client.close()
+    return sent
 
 
 def reader(bootstrap: str, **options) -> KafkaConsumer:

@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from harness import Pipeline, compare, recompute
 from vql.streams.demo_events import DemoSpec, generate
-from vql.streams.topics import TopicLayoutError, ensure_topics, producer, read_topic
+from vql.streams.topics import TopicLayoutError, ensure_topics, produce_all, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -36,14 +36,7 @@ BAD_RECORDS = [
 
 
 def produce(pipeline: Pipeline, records) -> int:
-    client = producer(pipeline.settings.kafka_bootstrap)
-    count = 0
-    for key, value in records:
-        client.send(pipeline.settings.behaviors_topic, key=key, value=value)
-        count += 1
-    client.flush()
-    client.close()
-    return count
+    return produce_all(pipeline.settings.kafka_bootstrap, pipeline.settings.behaviors_topic, records)
 
 
 def rewind_group(pipeline: Pipeline) -> None:

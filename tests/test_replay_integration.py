@@ -22,7 +22,7 @@ from vql.streams.processor import BatchProcessor
 from vql.streams.replay import run_replay_topic
 from vql.streams.replay_files import run_replay_files
 from vql.streams.state_store import PartitionStore, partition_store_path
-from vql.streams.topics import ensure_topics, producer
+from vql.streams.topics import ensure_topics, produce_all
 
 pytestmark = pytest.mark.integration
 
@@ -33,12 +33,7 @@ BAD = [(b"user-x", b"not json"),
 
 
 def produce(settings, records) -> int:
-    client = producer(settings.kafka_bootstrap)
-    for key, value in records:
-        client.send(settings.behaviors_topic, key=key, value=value)
-    client.flush()
-    client.close()
-    return len(records)
+    return produce_all(settings.kafka_bootstrap, settings.behaviors_topic, records)
 
 
 def events(seed: int = 5, now_ms: int | None = None) -> list[tuple[bytes, bytes]]:
