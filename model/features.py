@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from vql.schemas.events import Action, BehaviorEvent, Modality
 
@@ -49,6 +51,25 @@ class BehaviorColumns:
             ),
             time_s=np.fromiter((e.event_time_ms for e in events), np.float64, len(events)) / 1e3,
         )
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> "BehaviorColumns":
+        """The columns of valid events held as Arrow (a decoded micro-batch, a replayed
+        file), without a Python loop."""
+        context = table.column("context")
+        return cls(
+            item=table.column("item_id").to_numpy(),
+            action=_index(table.column("action"), list(Action), ACTION_INDEX),
+            category=pc.struct_field(context, "category").to_numpy(),
+            modality=_index(pc.struct_field(context, "modality"), list(Modality), MODALITY_INDEX),
+            time_s=table.column("event_time_ms").to_numpy().astype(np.float64) / 1e3,
+        )
+
+
+def _index(column, members: list, index: dict) -> np.ndarray:
+    positions = pc.index_in(column, pa.array([m.value for m in members])).to_numpy(zero_copy_only=False)
+    order = np.array([index[m] for m in members], np.int64)
+    return order[positions.astype(np.int64)]
 
 
 @dataclass(frozen=True)

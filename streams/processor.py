@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns
 from vql.model.state import fold_events
-from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
-from vql.schemas.events import BehaviorEvent
+from vql.schemas.batch_decode import decode_batch
+from vql.schemas.decode import EventPolicy, Reason, Rejection
 from vql.schemas.user_state import StateBatch, UserState
 from vql.streams.state_store import PartitionStore, partition_store_path
 
@@ -133,44 +135,34 @@ class BatchProcessor:
         skipped by the state math (for stores restored from elsewhere, issue 4).
         """
         result = BatchResult()
-        now_ms = self.clock_ms()
-        events: list[BehaviorEvent] = []
-        kept: list[RawRecord] = []
-        done = {p: self.store(p).processed_offset() for p in {r.partition for r in records}}
-        for record in records:
-            floor = done[record.partition]
-            if floor is not None and record.offset <= floor:
-                # A whole batch at or below this offset was published and written: a
-                # redelivery after a crash or a rewind. Skip it before decoding, so that
-                # it neither counts twice nor dead-letters twice.
-                result.duplicates += 1
-                continue
-            decoded = decode_event(record.value, record.key, now_ms, self.policy)
-            if isinstance(decoded, Rejection):
-                result.dead_letters.append(DeadLetter(record, decoded))
-            else:
-                events.append(decoded)
-                kept.append(record)
+        partition_of = np.fromiter((r.partition for r in records), np.int64, len(records))
+        offset_of = np.fromiter((r.offset for r in records), np.int64, len(records))
+        done = {p: self.store(p).processed_offset() for p in np.unique(partition_of).tolist()}
+        floor = np.array([-1 if done[p] is None else done[p] for p in partition_of.tolist()], np.int64)
+        # A whole batch at or below a partition's processed offset was published and written:
+        # a redelivery after a crash or a rewind. Skip it before decoding, so that it neither
+        # counts twice nor dead-letters twice.
+        fresh = np.flatnonzero(offset_of > floor)
+        result.duplicates += len(records) - fresh.size
+        decoded = decode_batch([records[i].value for i in fresh], [records[i].key for i in fresh],
+                               self.clock_ms(), self.policy)
+        result.dead_letters.extend(DeadLetter(records[fresh[i]], why) for i, why in decoded.rejections)
+        kept = fresh[decoded.index]  # record position of every valid event
 
         started = time.perf_counter()
-        columns = BehaviorColumns.from_events(events)
-        codes, values = self.model.encode(columns) if events else (None, None)
+        columns = BehaviorColumns.from_table(decoded.table)
+        codes, values = self.model.encode(columns) if kept.size else (None, None)
         result.encode_s = time.perf_counter() - started
         if codes is not None:
             cfg = self.model.config
             result.code_counts = np.stack([np.bincount(codes[:, g], minlength=cfg.codes) for g in range(cfg.groups)])
 
         started = time.perf_counter()
-        # Never move a partition's processed offset backwards (a rewound or redelivered batch).
-        last_offset = {p: -1 if floor is None else floor for p, floor in done.items()}
-        for record in records:
-            last_offset[record.partition] = max(last_offset[record.partition], record.offset)
-        by_partition: dict[int, list[int]] = {}
-        for i, record in enumerate(kept):
-            by_partition.setdefault(record.partition, []).append(i)
-        for partition, offset in sorted(last_offset.items()):
-            rows = np.asarray(by_partition.get(partition, []), dtype=np.int64)
-            changed = self._apply_partition(partition, rows, events, kept, columns, codes, values, result)
+        events = _EventRows(decoded.table, partition_of[kept], offset_of[kept], kept, records, columns, codes, values)
+        for partition in sorted(done):
+            # Never move a partition's processed offset backwards (a rewound or redelivered batch).
+            offset = int(max(offset_of[partition_of == partition].max(), floor[partition_of == partition][0]))
+            changed = self._apply_partition(partition, events, result)
             result.writes.append((partition, changed, offset))
         result.store_s = time.perf_counter() - started
         return result
@@ -184,42 +176,30 @@ class BatchProcessor:
                                         result.event_ids.get(partition))
         result.store_s += time.perf_counter() - started
 
-    def _apply_partition(
-        self,
-        partition: int,
-        rows: np.ndarray,
-        events: list[BehaviorEvent],
-        kept: list[RawRecord],
-        columns: BehaviorColumns,
-        codes: np.ndarray | None,
-        values: np.ndarray | None,
-        result: BatchResult,
-    ) -> StateBatch | None:
+    def _apply_partition(self, partition: int, events: "_EventRows", result: BatchResult) -> StateBatch | None:
+        rows = np.flatnonzero(events.partition == partition)
         if rows.size == 0:
             return None
-        user_ids = [events[i].user_id for i in rows]
-        users = sorted(set(user_ids))
-        slot = {u: i for i, u in enumerate(users)}
+        users, owner = events.users(rows)
         states = self.store(partition).load(users, self._shape)
-        owner = np.fromiter((slot[u] for u in user_ids), np.int64, rows.size)
-        offsets = np.fromiter((kept[i].offset for i in rows), np.int64, rows.size)
+        offsets = events.offset[rows]
         keep = np.ones(rows.size, dtype=bool)
         if self.event_id_window:
-            keep = self._drop_repeated_ids(partition, rows, events, kept, states, owner, offsets, result)
+            keep = self._drop_repeated_ids(partition, rows, events, states, owner, offsets, result)
         applied = fold_events(
-            states, owner[keep], codes[rows[keep]], values[rows[keep]].astype(np.float64), columns.time_s[rows[keep]],
-            self._decay, offsets[keep],
+            states, owner[keep], events.codes[rows[keep]], events.values[rows[keep]].astype(np.float64),
+            events.columns.time_s[rows[keep]], self._decay, offsets[keep],
         )
         result.applied += int(applied.sum())
         result.duplicates += int((~applied).sum())
-        return states.take(np.unique(owner[keep][applied]))
+        changed = np.unique(owner[keep][applied])
+        return states if changed.size == len(states) else states.take(changed)
 
     def _drop_repeated_ids(
         self,
         partition: int,
         rows: np.ndarray,
-        events: list[BehaviorEvent],
-        kept: list[RawRecord],
+        events: "_EventRows",
         states: StateBatch,
         owner: np.ndarray,
         offsets: np.ndarray,
@@ -238,7 +218,8 @@ class BatchProcessor:
         windows = self.store(partition).load_event_ids(users)
         order = np.argsort(offsets, kind="stable")
         judged = order[offsets[order] > states.applied_offset[owner[order]]]
-        fingerprints = np.fromiter((_fingerprint(events[rows[j]].event_id) for j in judged), np.uint64, judged.size)
+        event_ids = events.event_ids(rows[judged])
+        fingerprints = _fingerprints(event_ids)
         stored = sum(w.size for w in windows)
         who = np.concatenate([np.repeat(np.arange(len(users)), [w.size for w in windows]), owner[judged]])
         what = np.concatenate([*windows, fingerprints]) if stored else fingerprints
@@ -251,10 +232,9 @@ class BatchProcessor:
 
         keep = np.ones(rows.size, dtype=bool)
         keep[judged[repeated]] = False
-        for j in judged[repeated]:
-            result.dead_letters.append(DeadLetter(kept[rows[j]], Rejection(
-                Reason.DUPLICATE_EVENT_ID,
-                f"event_id {events[rows[j]].event_id!r} was already received for this user")))
+        for j in np.flatnonzero(repeated).tolist():
+            result.dead_letters.append(DeadLetter(events.record(rows[judged[j]]), Rejection(
+                Reason.DUPLICATE_EVENT_ID, f"event_id {event_ids[j]!r} was already received for this user")))
         new_owner, new_ids = owner[judged[~repeated]], fingerprints[~repeated]
         by_user = np.argsort(new_owner, kind="stable")  # keeps offset order within a user
         bounds = np.searchsorted(new_owner[by_user], np.arange(len(users) + 1))
@@ -266,6 +246,36 @@ class BatchProcessor:
         return keep
 
 
-def _fingerprint(event_id: str) -> int:
-    """A stable 64-bit fingerprint of an event id (Python's hash() changes per process)."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+@dataclass(frozen=True)
+class _EventRows:
+    """A batch's valid events as aligned columns, with where each came from."""
+
+    table: pa.Table  # the decoded events (schemas/batch_decode.py)
+    partition: np.ndarray
+    offset: np.ndarray
+    position: np.ndarray  # index into the batch's records
+    records: Sequence[RawRecord]
+    columns: BehaviorColumns
+    codes: np.ndarray | None
+    values: np.ndarray | None
+
+    def users(self, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """The distinct users of ``rows`` (sorted) and each row's index among them."""
+        encoded = pc.dictionary_encode(self.table.column("user_id").take(pa.array(rows))).combine_chunks()
+        names = encoded.dictionary.to_pylist()
+        order = np.argsort(names)
+        rank = np.empty(order.size, np.int64)
+        rank[order] = np.arange(order.size)
+        return [names[i] for i in order], rank[encoded.indices.to_numpy()]
+
+    def event_ids(self, rows: np.ndarray) -> list[str]:
+        return self.table.column("event_id").take(pa.array(rows)).to_pylist()
+
+    def record(self, row: int) -> RawRecord:
+        return self.records[int(self.position[row])]
+
+
+def _fingerprints(event_ids: list[str]) -> np.ndarray:
+    """Stable 64-bit fingerprints of event ids (Python's hash() changes per process)."""
+    digests = b"".join([hashlib.blake2b(event_id.encode(), digest_size=8).digest() for event_id in event_ids])
+    return np.frombuffer(digests, "<u8").copy()

@@ -31,7 +31,7 @@ from kafka.partitioner.default import murmur2
 from tqdm import tqdm
 
 from vql.model.encoder import VQLModel
-from vql.model.features import ACTION_INDEX, MODALITY_INDEX, BehaviorColumns, hash_buckets
+from vql.model.features import BehaviorColumns, hash_buckets
 from vql.model.state import fold_events
 from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
 from vql.schemas.decode import Reason
@@ -77,24 +77,6 @@ def last_offsets(paths: Sequence[Path]) -> dict[int, int]:
 
 def _format(path: Path) -> str:
     return "ipc" if path.suffix in (".arrow", ".feather", ".ipc") else "parquet"
-
-
-def columns_of(table: pa.Table) -> BehaviorColumns:
-    """The model's feature columns of valid rows, without a Python loop."""
-    context = table.column("context")
-    return BehaviorColumns(
-        item=table.column("item_id").to_numpy(),
-        action=_index(table.column("action"), list(Action), ACTION_INDEX),
-        category=pc.struct_field(context, "category").to_numpy(),
-        modality=_index(pc.struct_field(context, "modality"), list(Modality), MODALITY_INDEX),
-        time_s=table.column("event_time_ms").to_numpy().astype(np.float64) / 1e3,
-    )
-
-
-def _index(column, members: list, index: dict) -> np.ndarray:
-    positions = pc.index_in(column, pa.array([m.value for m in members])).to_numpy(zero_copy_only=False)
-    order = np.array([index[m] for m in members], np.int64)
-    return order[positions.astype(np.int64)]
 
 
 def encode_distinct(model: VQLModel, columns: BehaviorColumns) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +147,7 @@ async def replay_files(
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy())
     sink = await open_sink(settings, processor, publish)
     try:
-        columns = columns_of(table)
+        columns = BehaviorColumns.from_table(table)
         codes, values = encode_distinct(model, columns)
         order = np.lexsort((owner, partition))
         with tqdm(total=int(order.size), unit="ev", unit_scale=True, desc="replay files",

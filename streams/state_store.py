@@ -78,7 +78,7 @@ class PartitionStore:
         found = [i for i, blob in enumerate(raw) if blob is not None]
         if found:
             try:
-                decode_states([raw[i] for i in found], into=batch, rows=np.asarray(found))
+                decode_states([raw[i] for i in found], into=batch, rows=np.asarray(found), rows_empty=True)
             except StateFormatError as exc:
                 raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
         return batch

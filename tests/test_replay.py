@@ -14,6 +14,7 @@ from harness import compare
 from vql.bench.replay import demo_records, demo_table
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
+from vql.model.features import BehaviorColumns
 from vql.model.state import apply_events, empty_state, merge_states
 from vql.schemas.arrow import FileSchemaError
 from vql.streams.cli import main
@@ -96,10 +97,8 @@ def test_folding_in_chunks_or_merging_halves_equals_folding_at_once():
 
 
 def test_encoding_distinct_rows_equals_encoding_every_row(model_file, events_table):
-    from vql.streams.replay_files import columns_of
-
     _path, model, _version = model_file
-    columns = columns_of(events_table)
+    columns = BehaviorColumns.from_table(events_table)
     codes, values = encode_distinct(model, columns)
     want_codes, want_values = model.encode(columns)
     assert np.array_equal(codes, want_codes)
