@@ -41,7 +41,11 @@ class Settings(BaseSettings):
         description="how often the local copies of partitions other workers own are caught up "
                     "from the changelog (standby replicas; 0: none)",
     )
-    batch_size: int = Field(2048, ge=1, description="events per micro-batch, at most")
+    batch_size: int = Field(
+        16384, ge=1,
+        description="events per micro-batch, at most: a worker that keeps up takes what arrived since its "
+                    "last batch, one that is behind takes this many at a time",
+    )
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
     device: str = Field("auto", description="torch device for encoding: auto, cpu or cuda")
 
