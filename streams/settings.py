@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     )
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
     device: str = Field("auto", description="torch device for encoding: auto, cpu or cuda")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads for encoding on the CPU")
 
     web_port: int = Field(6066, ge=0, le=65535, description="the worker's HTTP port (/metrics, /health)")
     web_host: str = "127.0.0.1"

@@ -24,8 +24,13 @@ def load_processor(settings: Settings) -> BatchProcessor:
     from vql.model.encoder import VQLModel, default_device
 
     device = default_device() if settings.device == "auto" else torch.device(settings.device)
+    # The encoder's layers are small: a second intra-op thread costs more than it saves, and
+    # spinning OpenMP threads fight the broker and RocksDB for the cores (a 1,000-event
+    # encode took 60-120 ms instead of ~1 ms in `make demo` with two threads).
+    torch.set_num_threads(settings.torch_threads)
     model, version = VQLModel.load(settings.model_path, device)
-    log.info("model %s loaded from %s on %s", version, settings.model_path, device)
+    log.info("model %s loaded from %s on %s (%d torch threads)", version, settings.model_path, device,
+             torch.get_num_threads())
     return BatchProcessor(
         model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy(),
         event_id_window=settings.event_id_window,
