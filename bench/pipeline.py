@@ -123,13 +123,15 @@ async def _offer(settings: Settings, records: list[tuple[bytes, bytes]], rate: f
             due = min(len(records), int((time.monotonic() - started_s) * rate) + 1)
             batches: dict[int, object] = {}
             for i in range(sent, due):
-                batch = batches.get(target[i]) or batches.setdefault(target[i], producer.create_batch())
                 key, value = records[i]
-                if batch.append(key=key, value=value, timestamp=int(started_ms + i * 1000 / rate)) is None:
-                    deliveries.append(await producer.send_batch(batch, settings.behaviors_topic,
-                                                                partition=partitions[target[i]]))
+                due_ms = int(started_ms + i * 1000 / rate)
+                batch = batches.get(target[i])
+                if batch is None or batch.append(key=key, value=value, timestamp=due_ms) is None:
+                    if batch is not None:  # full: send it, start the next
+                        deliveries.append(await producer.send_batch(batch, settings.behaviors_topic,
+                                                                    partition=partitions[target[i]]))
                     batches[target[i]] = batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=int(started_ms + i * 1000 / rate))
+                    batch.append(key=key, value=value, timestamp=due_ms)
             for partition, batch in batches.items():
                 deliveries.append(await producer.send_batch(batch, settings.behaviors_topic,
                                                             partition=partitions[partition]))

@@ -12,8 +12,7 @@ a new user costs a few hundred bytes and no user costs more than G*K*R cells.
 The worker handles states a micro-batch at a time, so the codec is columnar: a
 :class:`StateBatch` holds many users' states as arrays, and :func:`encode_states` /
 :func:`decode_states` convert a whole batch with a few array calls and one short Python step
-per state (its header).
-The one-state functions are the same codec on a batch of one.
+per state (its header). The one-state functions are the same codec on a batch of one.
 """
 
 from __future__ import annotations

@@ -72,6 +72,13 @@ def _bench_encode(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bench_codec(args: argparse.Namespace, settings: Settings) -> int:
+    from vql.bench.codec import run
+
+    run(batch=args.batch, count=args.states, occupancy=args.occupancy, seconds=args.seconds)
+    return 0
+
+
 def _bench_state_size(args: argparse.Namespace, settings: Settings) -> int:
     from vql.bench.state_size import run
 
@@ -284,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     encode.add_argument("--device", nargs="+", default=None, help="devices (default: cpu, and cuda if present)")
     encode.set_defaults(handler=_bench_encode)
+    codec = bench_commands.add_parser(
+        "codec", help="per-record event decode and per-state encode/decode, without Kafka",
+        description="Microseconds a record through decode_event and decode_batch (the worker's path), and a "
+        "state through encode_states (float32, float64), decode_states into empty rows, and one decode_user_state.")
+    codec.add_argument("--batch", type=int, default=4096, help="records a decode_batch call")
+    codec.add_argument("--states", type=int, default=1000, help="states an encode/decode call")
+    codec.add_argument("--occupancy", type=float, default=0.47, help="share of occupied cells (0.47: ~90 of 192)")
+    codec.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    codec.set_defaults(handler=_bench_codec)
     state_size = bench_commands.add_parser("state-size", help="state bytes per user against history length",
                                            description="Measure the published state's size for histories of L events.")
     state_size.add_argument("--lengths", type=int, nargs="+", default=[10, 100, 1_000, 10_000, 100_000, 1_000_000])

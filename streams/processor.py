@@ -137,12 +137,12 @@ class BatchProcessor:
         result = BatchResult()
         partition_of = np.fromiter((r.partition for r in records), np.int64, len(records))
         offset_of = np.fromiter((r.offset for r in records), np.int64, len(records))
-        done = {p: self.store(p).processed_offset() for p in np.unique(partition_of).tolist()}
-        floor = np.array([-1 if done[p] is None else done[p] for p in partition_of.tolist()], np.int64)
+        partitions, slot = np.unique(partition_of, return_inverse=True)
+        done = np.array([_or_before_first(self.store(p).processed_offset()) for p in partitions.tolist()], np.int64)
         # A whole batch at or below a partition's processed offset was published and written:
         # a redelivery after a crash or a rewind. Skip it before decoding, so that it neither
         # counts twice nor dead-letters twice.
-        fresh = np.flatnonzero(offset_of > floor)
+        fresh = np.flatnonzero(offset_of > done[slot])
         result.duplicates += len(records) - fresh.size
         decoded = decode_batch([records[i].value for i in fresh], [records[i].key for i in fresh],
                                self.clock_ms(), self.policy)
@@ -159,9 +159,10 @@ class BatchProcessor:
 
         started = time.perf_counter()
         events = _EventRows(decoded.table, partition_of[kept], offset_of[kept], kept, records, columns, codes, values)
-        for partition in sorted(done):
-            # Never move a partition's processed offset backwards (a rewound or redelivered batch).
-            offset = int(max(offset_of[partition_of == partition].max(), floor[partition_of == partition][0]))
+        # Never move a partition's processed offset backwards (a rewound or redelivered batch).
+        reached = done.copy()
+        np.maximum.at(reached, slot, offset_of)
+        for partition, offset in zip(partitions.tolist(), reached.tolist()):
             changed = self._apply_partition(partition, events, result)
             result.writes.append((partition, changed, offset))
         result.store_s = time.perf_counter() - started
@@ -273,6 +274,11 @@ class _EventRows:
 
     def record(self, row: int) -> RawRecord:
         return self.records[int(self.position[row])]
+
+
+def _or_before_first(offset: int | None) -> int:
+    """A processed offset, with -1 for a partition that has processed nothing."""
+    return -1 if offset is None else offset
 
 
 def _fingerprints(event_ids: list[str]) -> np.ndarray:

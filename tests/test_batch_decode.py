@@ -63,8 +63,8 @@ def without_extra(raw: bytes | None) -> bytes | None:
 
 
 def test_the_corpus_reaches_the_fast_path_without_its_extra() -> None:
-    stripped = [without_extra(raw) for raw, _key, _reason in (p.values for p in BAD_INPUTS)]
-    assert sum(raw != original for raw, (original, *_rest) in zip(stripped, (p.values for p in BAD_INPUTS))) > 50
+    originals = [case.values[0] for case in BAD_INPUTS]
+    assert sum(without_extra(raw) != raw for raw in originals) > 50
 
 
 @pytest.mark.parametrize("strip", [False, True], ids=["as_is", "without_extra"])

@@ -50,3 +50,15 @@ def test_train_follows_the_recipe_and_writes_a_loadable_artifact(tmp_path, capsy
     assert "(2 epochs, 1 unquantized)" in printed and "test auc" in printed
     _model, version = VQLModel.load(out)
     assert version in printed
+
+
+def test_bench_codec_prints_one_json_line_per_figure(capsys):
+    import json
+
+    assert main(["bench", "codec", "--batch", "60", "--states", "20", "--seconds", "0.01"]) == 0
+    figures = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(f["metric"], f.get("path") or f["step"]) for f in figures] == [
+        ("us_per_record", "decode_event"), ("us_per_record", "decode_batch"),
+        ("us_per_state", "encode_float32"), ("us_per_state", "encode_float64"),
+        ("us_per_state", "decode_batch"), ("us_per_state", "decode_one")]
+    assert all(f["value"] > 0 for f in figures)
