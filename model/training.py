@@ -34,6 +34,15 @@ class TrainConfig:
     # codebooks to the learnt keys by k-means and go on quantized. From random codes, the keys
     # learn slowly: a code mixes behaviors that have nothing in common yet.
     warmup_epochs: int = 0
+    # VQL: quantized epochs after ``epochs``. Quantized epochs learn more slowly than
+    # unquantized ones (docs/training.md); these let VQL adapt to its codebooks after the
+    # warm-up without giving every other model more epochs than it can use.
+    extra_quantized_epochs: int = 0
+
+    def epochs_of(self, model: CTRModel) -> int:
+        """How many epochs ``model`` trains: ``epochs``, plus the extra ones for a quantizing VQL."""
+        quantizes = isinstance(model, VQLModel) and model.quantize
+        return self.epochs + (self.extra_quantized_epochs if quantizes else 0)
 
 
 @dataclass
@@ -56,7 +65,8 @@ def train(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     report = TrainReport()
     quantizes = isinstance(model, VQLModel) and model.quantize
-    for epoch in range(config.epochs):
+    epochs = config.epochs_of(model)
+    for epoch in range(epochs):
         if quantizes:
             model.quantize = epoch >= config.warmup_epochs
             if config.warmup_epochs and epoch == config.warmup_epochs:
@@ -65,7 +75,7 @@ def train(
         batches = user_batches(histories, samples, config.users_per_batch, config.max_events,
                                shuffle=True, seed=config.seed * 1000 + epoch)
         total = len(np.unique(samples.user))
-        with tqdm(total=total, desc=f"{label} epoch {epoch + 1}/{config.epochs}", unit="user",
+        with tqdm(total=total, desc=f"{label} epoch {epoch + 1}/{epochs}", unit="user",
                   disable=not progress, leave=False) as bar:
             for numpy_batch in batches:
                 batch = TensorBatch.from_numpy(numpy_batch, model.config, device)

@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     out = args.out or settings.model_path
     version = model.save(out)
     seconds = ", ".join(f"{s:.1f}" for s in report.epoch_seconds)
-    print(f"trained VQL on {data.name} ({config.epochs} epochs, {config.warmup_epochs} unquantized): epoch seconds "
+    print(f"trained VQL on {data.name} ({config.epochs_of(model)} epochs, {config.warmup_epochs} unquantized): epoch seconds "
           f"[{seconds}], losses {[round(x, 4) for x in report.epoch_losses]}")
     print("test " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"wrote model {version} to {out}")
@@ -117,7 +117,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 def _recipe_overrides(args: argparse.Namespace) -> dict:
     """The training flags given on the command line, over a dataset's recipe."""
     flags = (("epochs", args.epochs), ("users_per_batch", args.users_per_batch), ("learning_rate", args.lr),
-             ("warmup_epochs", getattr(args, "warmup_epochs", None)))
+             ("warmup_epochs", getattr(args, "warmup_epochs", None)),
+             ("extra_quantized_epochs", args.extra_quantized_epochs))
     return {name: value for name, value in flags if value is not None}
 
 
@@ -125,21 +126,31 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.config import ModelConfig
     from vql.model.datasets import DatasetUnavailable, load_dataset
     from vql.model.encoder import default_device
-    from vql.model.experiments import RECIPES, run_grid
+    from vql.model.experiments import RECIPES, merge_records, read_jsonl, run_grid, write_jsonl
+    from vql.model.report import write_results
 
+    previous_path = args.out / "results.jsonl"
+    if args.merge and not previous_path.exists():
+        print(f"vql evaluate: --merge needs an earlier {previous_path}", file=sys.stderr)
+        return 1
+    previous = read_jsonl(previous_path) if args.merge else []
     overrides = _recipe_overrides(args)
+    names = list(dict.fromkeys([*args.datasets, *(r["dataset"] for r in previous)]))
     try:
-        datasets = [(load_dataset(name, **RECIPES[name].data), replace(RECIPES[name].train, **overrides))
-                    for name in args.datasets]
+        loaded = {name: load_dataset(name, **RECIPES[name].data) for name in names}
     except DatasetUnavailable as exc:
         print(f"vql evaluate: {exc}", file=sys.stderr)
         return 1
     from vql.bench.state_size import measure
 
     state_sizes = measure([10, 100, 1_000, 10_000, 100_000, 1_000_000])
-    run_grid(datasets, args.models, list(range(args.seeds)), args.lengths, ModelConfig(), default_device(), args.out,
-             state_sizes)
-    print(f"wrote {args.out / 'results.jsonl'} and {args.out / 'results.md'}")
+    grid = [(loaded[name], replace(RECIPES[name].train, **overrides)) for name in args.datasets]
+    records = run_grid(grid, args.models, list(range(args.seeds)), args.lengths, ModelConfig(), default_device())
+    if args.merge:
+        records = merge_records(previous, records)
+    write_jsonl(records, previous_path)
+    write_results(records, list(loaded.values()), args.out, state_sizes)
+    print(f"wrote {previous_path} and {args.out / 'results.md'}")
     return 0
 
 
@@ -227,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data set; its recipe (model/experiments.py) gives the data and training defaults")
     train.add_argument("--epochs", type=int, help="override the recipe")
     train.add_argument("--warmup-epochs", type=int, help="unquantized epochs first (override the recipe)")
+    train.add_argument("--extra-quantized-epochs", type=int, help="quantized epochs after --epochs (override the recipe)")
     train.add_argument("--users-per-batch", type=int, help="override the recipe")
     train.add_argument("--lr", type=float, help="override the recipe")
     train.add_argument("--max-events", type=int, default=None, help="train on the newest events only")
@@ -243,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--epochs", type=int, help="override every dataset's recipe (model/experiments.py)")
     evaluate.add_argument("--users-per-batch", type=int, help="override the recipes")
     evaluate.add_argument("--lr", type=float, help="override the recipes")
+    evaluate.add_argument("--extra-quantized-epochs", type=int, help="override the recipes (VQL only)")
+    evaluate.add_argument("--merge", action="store_true",
+                          help="keep OUT/results.jsonl's figures of the (dataset, model) pairs not run now")
     evaluate.add_argument("--lengths", type=int, nargs="+", default=[10, 50, 200, 1000, 10_000])
     evaluate.add_argument("--out", type=Path, default=Path("docs"))
     evaluate.set_defaults(handler=_evaluate)

@@ -43,11 +43,11 @@ def test_train_follows_the_recipe_and_writes_a_loadable_artifact(tmp_path, capsy
     from vql.model.encoder import VQLModel
 
     out = tmp_path / "m.npz"
-    # the synthetic recipe's data, cut to the newest 30 events and two epochs to stay quick
-    assert main(["train", "--dataset", "synthetic", "--epochs", "2", "--warmup-epochs", "1", "--max-events", "30",
-                 "--out", str(out)]) == 0
+    # the synthetic recipe's data, cut to the newest 30 events and three epochs to stay quick
+    assert main(["train", "--dataset", "synthetic", "--epochs", "2", "--warmup-epochs", "1",
+                 "--extra-quantized-epochs", "1", "--max-events", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "(2 epochs, 1 unquantized)" in printed and "test auc" in printed
+    assert "(3 epochs, 1 unquantized)" in printed and "test auc" in printed
     _model, version = VQLModel.load(out)
     assert version in printed
 
@@ -62,3 +62,8 @@ def test_bench_codec_prints_one_json_line_per_figure(capsys):
         ("us_per_state", "encode_float32"), ("us_per_state", "encode_float64"),
         ("us_per_state", "decode_batch"), ("us_per_state", "decode_one")]
     assert all(f["value"] > 0 for f in figures)
+
+
+def test_evaluate_merge_needs_an_earlier_grid(tmp_path, capsys):
+    assert main(["evaluate", "--datasets", "synthetic", "--merge", "--out", str(tmp_path)]) == 1
+    assert f"--merge needs an earlier {tmp_path / 'results.jsonl'}" in capsys.readouterr().err

@@ -56,3 +56,15 @@ def test_trained_state_scores_equal_the_full_forward_pass(tmp_path):
                                modality=batch.target_modality[0, t:t + 1])
         from_state = scorer.score(state, candidate, float(batch.target_time_s[0, t])).ctr[0]
         assert abs(from_state - forward[t]) <= 1e-5
+
+
+def test_extra_quantized_epochs_go_to_a_quantizing_vql_only():
+    data = make_synthetic(TINY)
+    config = TrainConfig(epochs=2, users_per_batch=16, warmup_epochs=2, extra_quantized_epochs=1)
+    vql = VQLModel(SMALL_MODEL)
+    seeded = vql.codebooks.clone()
+    assert len(train(vql, data.histories, data.train, config, CPU, progress=False).epoch_seconds) == 3
+    assert vql.quantize and not torch.equal(vql.codebooks, seeded), "k-means codebooks, then quantized epochs"
+    for name in ("full", "mean"):
+        report = train(MODELS[name](SMALL_MODEL), data.histories, data.train, config, CPU, progress=False)
+        assert len(report.epoch_seconds) == 2, name
