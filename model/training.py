@@ -39,11 +39,6 @@ class TrainConfig:
     # warm-up without giving every other model more epochs than it can use.
     extra_quantized_epochs: int = 0
 
-    def epochs_of(self, model: CTRModel) -> int:
-        """How many epochs ``model`` trains: ``epochs``, plus the extra ones for a quantizing VQL."""
-        quantizes = isinstance(model, VQLModel) and model.quantize
-        return self.epochs + (self.extra_quantized_epochs if quantizes else 0)
-
 
 @dataclass
 class TrainReport:
@@ -65,7 +60,7 @@ def train(
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
     report = TrainReport()
     quantizes = isinstance(model, VQLModel) and model.quantize
-    epochs = config.epochs_of(model)
+    epochs = config.epochs + (config.extra_quantized_epochs if quantizes else 0)
     for epoch in range(epochs):
         if quantizes:
             model.quantize = epoch >= config.warmup_epochs

@@ -107,7 +107,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     out = args.out or settings.model_path
     version = model.save(out)
     seconds = ", ".join(f"{s:.1f}" for s in report.epoch_seconds)
-    print(f"trained VQL on {data.name} ({config.epochs_of(model)} epochs, {config.warmup_epochs} unquantized): epoch seconds "
+    print(f"trained VQL on {data.name} ({len(report.epoch_seconds)} epochs, {config.warmup_epochs} unquantized): epoch seconds "
           f"[{seconds}], losses {[round(x, 4) for x in report.epoch_losses]}")
     print("test " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     print(f"wrote model {version} to {out}")
