@@ -100,8 +100,9 @@ def write_results(records: list[dict], datasets, out_dir: Path, state_sizes: lis
     cfg = ModelConfig()
     full_state = full_state_bytes(cfg.groups, cfg.codes, cfg.rates, cfg.group_dim, len("user-000000"))
     sections = ["# Results", "",
-                "Produced by `vql evaluate --datasets synthetic movielens --seeds 3`; machine-readable in "
-                "results.jsonl. The recipes, the running time and what the figures say: docs/training.md.",
+                "Produced by `vql evaluate --datasets synthetic movielens --seeds 3` (or partly by a rerun of some "
+                "models with `--merge`, which keeps the others' figures); machine-readable in results.jsonl. "
+                "The recipes, the running time and what the figures say: docs/training.md.",
                 "Mean ± std over seeds; L is the longest history in the dataset.", ""]
     for dataset in datasets:
         plot = out_dir / "plots" / f"auc_vs_length_{dataset.name}.png"

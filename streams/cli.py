@@ -129,11 +129,11 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.experiments import RECIPES, merge_records, read_jsonl, run_grid, write_jsonl
     from vql.model.report import write_results
 
-    previous_path = args.out / "results.jsonl"
-    if args.merge and not previous_path.exists():
-        print(f"vql evaluate: --merge needs an earlier {previous_path}", file=sys.stderr)
+    results_path = args.out / "results.jsonl"
+    if args.merge and not results_path.exists():
+        print(f"vql evaluate: --merge needs an earlier {results_path}", file=sys.stderr)
         return 1
-    previous = read_jsonl(previous_path) if args.merge else []
+    previous = read_jsonl(results_path) if args.merge else []
     overrides = _recipe_overrides(args)
     names = list(dict.fromkeys([*args.datasets, *(r["dataset"] for r in previous)]))
     try:
@@ -148,9 +148,9 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     records = run_grid(grid, args.models, list(range(args.seeds)), args.lengths, ModelConfig(), default_device())
     if args.merge:
         records = merge_records(previous, records)
-    write_jsonl(records, previous_path)
+    write_jsonl(records, results_path)
     write_results(records, list(loaded.values()), args.out, state_sizes)
-    print(f"wrote {previous_path} and {args.out / 'results.md'}")
+    print(f"wrote {results_path} and {args.out / 'results.md'}")
     return 0
 
 
