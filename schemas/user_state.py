@@ -145,6 +145,33 @@ class StateBatch:
                           self.last_event_time[rows], self.event_count[rows], self.applied_offset[rows],
                           self.log_count[rows], self.mean[rows])
 
+    def put(self, rows: np.ndarray, states: "StateBatch") -> None:
+        """Overwrite ``rows`` with ``states``, row ``rows[i]`` with state i (copies)."""
+        for row, user_id in zip(rows.tolist(), states.user_ids):
+            self.user_ids[row] = user_id
+        for column in _COLUMNS:
+            getattr(self, column)[rows] = getattr(states, column)
+
+    def clear(self, rows: np.ndarray, no_offset: int = -1) -> None:
+        """Make ``rows`` empty states (their user ids stay)."""
+        self.landmark_t0[rows] = self.last_event_time[rows] = 0.0
+        self.event_count[rows] = 0
+        self.applied_offset[rows] = no_offset
+        self.log_count[rows] = -np.inf
+        self.mean[rows] = 0.0
+
+    def resized(self, size: int) -> "StateBatch":
+        """A copy with ``size`` rows: these rows first, then empty states with no user id."""
+        grown = StateBatch.empty(self.user_ids[:size] + [""] * max(0, size - len(self)), self.model_version,
+                                 self.shape)
+        kept = min(size, len(self))
+        for column in _COLUMNS:
+            getattr(grown, column)[:kept] = getattr(self, column)[:kept]
+        return grown
+
+
+_COLUMNS = ("landmark_t0", "last_event_time", "event_count", "applied_offset", "log_count", "mean")
+
 
 def encode_states(batch: StateBatch, dtype: np.dtype | type = np.float32) -> list[bytes]:
     """Serialise every state of ``batch``, each with its non-empty cells in ``dtype`` (float32

@@ -71,7 +71,10 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
             metrics.store_keys.labels(partition=str(partition)).set(store.approximate_keys())
             metrics.store_bytes.labels(partition=str(partition)).set(store.approximate_bytes())
 
-    consumer = BehaviorConsumer(settings, processor, observe, loop=app.loop, beacon=app.beacon)
+    def observe_flush(seconds: float) -> None:
+        metrics.stage_seconds.labels(stage="flush").observe(seconds)
+
+    consumer = BehaviorConsumer(settings, processor, observe, observe_flush, loop=app.loop, beacon=app.beacon)
 
     @app.page("/health")
     async def _health(web, request):  # noqa: ANN001 - Faust's view signature

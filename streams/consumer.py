@@ -7,14 +7,16 @@ than everything else together and capped a worker at about 4,500 events/s on 2 c
 
 Order of work per micro-batch, what makes at-least-once delivery safe (design/pipeline.md):
 
-1. process: decode, encode, fold into states (nothing durable yet);
+1. process: decode, encode, fold into copies of the users' states (nothing changed yet);
 2. publish the changed states (co-partitioned, as whole producer batches) and the dead
    letters, and wait until Kafka has them all;
-3. write states + processed offset + changelog offset in one RocksDB WriteBatch a partition;
-4. commit the input offsets.
+3. hand the states, processed offset and changelog offset to the partitions' write-behind
+   caches (streams/state_cache.py);
+4. every ``commit_interval_s`` (and before partitions leave, and on shutdown): write what the
+   caches hold in one RocksDB WriteBatch a partition, then commit the input offsets.
 
-A crash between any two steps redelivers the batch; per-user applied offsets make the second
-application a no-op. A partition assigned to this worker is first brought up to date from its
+A crash anywhere redelivers what came after the last flush; per-user applied offsets make
+the second application a no-op. A partition assigned to this worker is first brought up to date from its
 changelog, the states topic (streams/changelog.py), so that it arrives with its state from
 whichever worker or host owned it before. Standby replicas: every ``standby_interval_s`` the
 worker catches up its local copies of the partitions it does not own, so that taking one
@@ -125,12 +127,15 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         settings: Settings,
         processor: BatchProcessor,
         on_batch: Callable[[BatchResult, list, float, float], None],
+        on_flush: Callable[[float], None] = lambda seconds: None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.processor = processor
         self.on_batch = on_batch
+        self.on_flush = on_flush
+        self._flushed_at = time.monotonic()
         self.status = "starting"  # starting -> ready; recovering while partitions move
         self._lock = asyncio.Lock()  # held for a whole batch, and by rebalance callbacks
         self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
@@ -154,9 +159,10 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._consumer.subscribe([s.behaviors_topic], listener=self)
 
     async def on_stop(self) -> None:
-        # Let the batch in flight finish (publish, write, commit) before anything closes.
+        # Let the batch in flight finish (publish, cache), then write and commit everything.
         async with self._lock:
             if self._consumer is not None:
+                await self._flush_and_commit()
                 await self._consumer.stop()
             if self._publisher is not None:
                 await self._publisher.producer.stop()
@@ -166,8 +172,10 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked) -> None:
         self.status = "recovering"
-        async with self._lock:  # the batch in flight is committed before the partitions go
-            self.processor.release([tp.partition for tp in revoked])
+        async with self._lock:  # the batch in flight is written and committed before the partitions go
+            partitions = [tp.partition for tp in revoked]
+            await self._flush_and_commit(partitions)
+            self.processor.release(partitions)
 
     async def on_partitions_assigned(self, assigned) -> None:
         self.status = "recovering"
@@ -230,12 +238,35 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         window_ms = int(self.settings.batch_window_s * 1000)
         while not self.should_stop:
             fetched = await self._consumer.getmany(timeout_ms=window_ms, max_records=self.settings.batch_size)
-            if not fetched:
-                continue
             async with self._lock:
                 if self.should_stop:
                     return  # not committed: the next owner gets these records again
-                await self._apply(fetched)
+                if fetched:
+                    await self._apply(fetched)
+                if self.processor.needs_flush() or (
+                        time.monotonic() - self._flushed_at >= self.settings.commit_interval_s
+                        and self.processor.unflushed()):
+                    await self._flush_and_commit()
+
+    async def _flush_and_commit(self, partitions: list[int] | None = None) -> None:
+        """Write the caches of ``partitions`` (default: all) to RocksDB, then commit the
+        input offsets they reached: never the other way round."""
+        started = time.perf_counter()
+        durable = self.processor.flush(partitions)
+        flushed = time.perf_counter()
+        if partitions is None:
+            self._flushed_at = time.monotonic()
+        offsets = {TopicPartition(self.settings.behaviors_topic, p): o + 1 for p, o in durable.items()}
+        if offsets:
+            try:
+                await self._consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                # The group moved on (a rebalance): the records come again to their new owner,
+                # whose applied offsets make them no-ops. Nothing is lost.
+                log.warning("offset commit failed, the records since will be redelivered: %s", exc)
+        self.on_flush(flushed - started)
+        log.debug("flush: %d partitions written in %.0f ms, committed in %.0f ms", len(durable),
+                  (flushed - started) * 1e3, (time.perf_counter() - flushed) * 1e3)
 
     async def _apply(self, fetched: dict) -> None:
         owned = self._consumer.assignment()
@@ -254,18 +285,11 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         changelog = await self._publisher.publish(result)
         published = time.perf_counter()
         self.processor.commit(result, changelog)
-        offsets = {TopicPartition(self.settings.behaviors_topic, p): o + 1 for p, _s, o in result.writes}
-        try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            # The group moved on (a rebalance): the records come again to their new owner,
-            # whose applied offsets make them no-ops. Nothing is lost.
-            log.warning("offset commit failed, the batch will be redelivered: %s", exc)
         self.status = "ready"
         self.on_batch(result, timestamps, processed - started, published - processed)
         log.info(
             "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published; "
-            "process %.0f ms (encode %.0f), publish %.0f ms, store+commit %.0f ms",
+            "process %.0f ms (encode %.0f), publish %.0f ms, cache %.0f ms",
             len(records), result.applied, result.duplicates, len(result.dead_letters), result.state_count,
             (processed - started) * 1e3, result.encode_s * 1e3, (published - processed) * 1e3,
             (time.perf_counter() - published) * 1e3,

@@ -2,8 +2,9 @@
 
 The Faust agent (streams/app.py) only moves records in and out of Kafka; everything between
 lives here, so that it can be tested without a broker and shared with replay:
-decode (schemas/) -> encode (model/, torch) -> fold into states (model/state.py) ->
-one WriteBatch per partition (streams/state_store.py).
+decode (schemas/) -> encode (model/, torch) -> fold into states (model/state.py) -> the
+partition's write-behind cache (streams/state_cache.py) -> one RocksDB WriteBatch per
+partition and flush (streams/state_store.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from vql.model.features import BehaviorColumns
 from vql.model.state import fold_events
 from vql.schemas.batch_decode import decode_batch
 from vql.schemas.decode import EventPolicy, Reason, Rejection
-from vql.schemas.user_state import StateBatch, UserState
+from vql.schemas.user_state import StateBatch, UserState, full_state_bytes
+from vql.streams.state_cache import StateCache
 from vql.streams.state_store import PartitionStore, partition_store_path
 
 
@@ -86,6 +88,7 @@ class BatchProcessor:
         policy: EventPolicy,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         event_id_window: int = 256,
+        cache_bytes: int = 0,
     ) -> None:
         self.model = model
         self.model_version = model_version
@@ -98,11 +101,15 @@ class BatchProcessor:
         self._shape = (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)
         self._decay = np.asarray(cfg.decay_rates)
         self._stores: dict[int, PartitionStore] = {}
+        self._caches: dict[int, StateCache] = {}
+        # The cache budget in states, shared by the partitions this processor holds.
+        self._cache_states = cache_bytes // full_state_bytes(*self._shape, 0, np.float64)
 
     # -- partitions -------------------------------------------------------------------------
 
     def store(self, partition: int) -> PartitionStore:
-        """The partition's store, opened on first use."""
+        """The partition's durable store, opened on first use (what a restore writes to:
+        before the partition's cache exists)."""
         store = self._stores.get(partition)
         if store is None:
             path = partition_store_path(self.data_dir, self.model_version, self.topic, partition)
@@ -115,12 +122,46 @@ class BatchProcessor:
         return PartitionStore(partition_store_path(self.data_dir, self.model_version, self.topic, partition),
                               self.model_version)
 
+    def cache(self, partition: int) -> StateCache:
+        """The partition's write-behind cache, in front of its store."""
+        cache = self._caches.get(partition)
+        if cache is None:
+            cache = self._caches[partition] = StateCache(self.store(partition), self._shape)
+            self._share_cache()
+        return cache
+
+    def _share_cache(self) -> None:
+        for cache in self._caches.values():
+            cache.capacity = self._cache_states // len(self._caches)
+
+    def flush(self, partitions: Sequence[int] | None = None) -> dict[int, int]:
+        """Write what the caches of ``partitions`` (default: all) hold that is not on disk;
+        returns, per partition, the processed offset now durable: what may be committed."""
+        durable = {}
+        for partition in list(self._caches) if partitions is None else partitions:
+            cache = self._caches.get(partition)
+            offset = cache.flush() if cache is not None else None
+            if offset is not None:
+                durable[partition] = offset
+        return durable
+
+    def needs_flush(self) -> bool:
+        """Whether a cache has outgrown its share of the budget."""
+        return any(cache.over_capacity for cache in self._caches.values())
+
+    def unflushed(self) -> bool:
+        return any(cache.unflushed for cache in self._caches.values())
+
     def release(self, partitions: Sequence[int]) -> None:
-        """Close the stores of partitions this worker no longer owns."""
+        """Flush and close the stores of partitions this worker no longer owns."""
+        self.flush(partitions)
         for partition in partitions:
+            self._caches.pop(partition, None)
             store = self._stores.pop(partition, None)
             if store is not None:
                 store.close()
+        if self._caches:
+            self._share_cache()
 
     def close(self) -> None:
         self.release(list(self._stores))
@@ -128,7 +169,8 @@ class BatchProcessor:
     # -- the batch --------------------------------------------------------------------------
 
     def process(self, records: Sequence[RawRecord]) -> BatchResult:
-        """Decode, encode and apply ``records``; nothing is durable until :meth:`commit`.
+        """Decode, encode and fold ``records`` into copies of their users' states: nothing
+        changes until :meth:`commit` (after publishing), nothing is durable until :meth:`flush`.
 
         Two lines of defence against redelivery: records at or below the partition's
         processed offset are skipped whole; an event at or below its user's applied offset is
@@ -138,7 +180,7 @@ class BatchProcessor:
         partition_of = np.fromiter((r.partition for r in records), np.int64, len(records))
         offset_of = np.fromiter((r.offset for r in records), np.int64, len(records))
         partitions, slot = np.unique(partition_of, return_inverse=True)
-        done = np.array([_or_before_first(self.store(p).processed_offset()) for p in partitions.tolist()], np.int64)
+        done = np.array([_or_before_first(self.cache(p).processed_offset()) for p in partitions.tolist()], np.int64)
         # A whole batch at or below a partition's processed offset was published and written:
         # a redelivery after a crash or a rewind. Skip it before decoding, so that it neither
         # counts twice nor dead-letters twice.
@@ -169,12 +211,12 @@ class BatchProcessor:
         return result
 
     def commit(self, result: BatchResult, changelog_offsets: dict[int, int] | None = None) -> None:
-        """Persist a processed batch: states, processed offset and, once published, the
-        changelog offset they reach; one WriteBatch a partition."""
+        """Hand a published batch to the caches: states, event-id windows, processed offset
+        and the changelog offset they reach. Durable at the next :meth:`flush`."""
         started = time.perf_counter()
         for partition, states, offset in result.writes:
-            self.store(partition).write(states, offset, (changelog_offsets or {}).get(partition),
-                                        result.event_ids.get(partition))
+            self.cache(partition).put(states, offset, (changelog_offsets or {}).get(partition),
+                                      result.event_ids.get(partition))
         result.store_s += time.perf_counter() - started
 
     def _apply_partition(self, partition: int, events: "_EventRows", result: BatchResult) -> StateBatch | None:
@@ -182,7 +224,7 @@ class BatchProcessor:
         if rows.size == 0:
             return None
         users, owner = events.users(rows)
-        states = self.store(partition).load(users, self._shape)
+        states = self.cache(partition).load(users)
         offsets = events.offset[rows]
         keep = np.ones(rows.size, dtype=bool)
         if self.event_id_window:
@@ -216,7 +258,7 @@ class BatchProcessor:
         offset order, a batch row is a repeat unless it comes first among its equals.
         """
         users = states.user_ids
-        windows = self.store(partition).load_event_ids(users)
+        windows = self.cache(partition).load_event_ids(users)
         order = np.argsort(offsets, kind="stable")
         judged = order[offsets[order] > states.applied_offset[owner[order]]]
         event_ids = events.event_ids(rows[judged])

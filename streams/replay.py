@@ -94,17 +94,29 @@ class ReplayReport:
 
 class StateSink:
     """Where a replay's batches go: published first (when a states topic is set), then
-    written to the stores with the changelog offsets they reached: the worker's order."""
+    handed to the stores' caches with the changelog offsets they reached, which are written
+    every ``interval_s`` or when they outgrow their budget: the worker's order."""
 
-    def __init__(self, processor: BatchProcessor, publisher: Publisher | None) -> None:
+    def __init__(self, processor: BatchProcessor, publisher: Publisher | None, interval_s: float) -> None:
         self.processor = processor
         self.publisher = publisher
+        self.interval_s = interval_s
+        self._flushed_at = time.monotonic()
 
-    async def flush(self, result: BatchResult, report: ReplayReport) -> None:
+    async def put(self, result: BatchResult, report: ReplayReport) -> dict[int, int]:
+        """Publish and cache a batch; returns the processed offsets a flush made durable
+        (empty when none was due): what a resumable replay may commit."""
         changelog = await self.publisher.publish(result) if self.publisher else None
         self.processor.commit(result, changelog)
         if self.publisher:
             report.states_published += result.state_count
+        if self.processor.needs_flush() or time.monotonic() - self._flushed_at >= self.interval_s:
+            return self.flush()
+        return {}
+
+    def flush(self) -> dict[int, int]:
+        self._flushed_at = time.monotonic()
+        return self.processor.flush()
 
 
 async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool) -> StateSink:
@@ -112,9 +124,9 @@ async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool
     ``settings.states_topic`` (created compacted and co-partitioned if missing) and dead
     letters to ``settings.dlq_topic`` first."""
     if not publish:
-        return StateSink(processor, None)
+        return StateSink(processor, None, settings.commit_interval_s)
     ensure_topics(settings)
-    return StateSink(processor, await Publisher.start(settings))
+    return StateSink(processor, await Publisher.start(settings), settings.commit_interval_s)
 
 
 async def close_sink(sink: StateSink) -> None:
@@ -152,7 +164,8 @@ async def replay_topic(
     started, cpu_started = time.perf_counter(), time.process_time()
     settings = settings.model_copy(update={"partitions": partition_count(settings, settings.behaviors_topic)})
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic,
-                               settings.event_policy(), event_id_window=settings.event_id_window)
+                               settings.event_policy(), event_id_window=settings.event_id_window,
+                               cache_bytes=settings.state_cache_mb << 20)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
                                 enable_auto_commit=False, max_partition_fetch_bytes=32 * 1024 * 1024,
                                 fetch_max_bytes=128 * 1024 * 1024, fetch_max_wait_ms=100)
@@ -172,12 +185,10 @@ async def replay_topic(
                 if not records:
                     continue
                 result = processor.process(records)
-                await sink.flush(result, report)
-                if group:
-                    await consumer.commit({TopicPartition(settings.behaviors_topic, p): OffsetAndMetadata(o + 1, "")
-                                           for p, _s, o in result.writes})
+                await _commit(consumer, settings, group, await sink.put(result, report))
                 report.add(result, len(records))
                 bar.update(len(records))
+            await _commit(consumer, settings, group, sink.flush())
     finally:
         await close_sink(sink)
         await consumer.stop()
@@ -185,6 +196,14 @@ async def replay_topic(
     report.seconds = time.perf_counter() - started
     report.cpu_seconds = time.process_time() - cpu_started
     return report
+
+
+async def _commit(consumer: AIOKafkaConsumer, settings: Settings, group: str | None,
+                  durable: dict[int, int]) -> None:
+    """With a consumer group, commit the offsets a flush made durable (monitoring, resuming)."""
+    if group and durable:
+        await consumer.commit({TopicPartition(settings.behaviors_topic, p): OffsetAndMetadata(o + 1, "")
+                               for p, o in durable.items()})
 
 
 async def _bounds(consumer: AIOKafkaConsumer, processor: BatchProcessor, settings: Settings,

@@ -144,7 +144,8 @@ async def replay_files(
         offsets = table.column("row").to_numpy()
     ends = last_offsets(paths) if exported else {}
     settings = settings.model_copy(update={"partitions": partitions})
-    processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy())
+    processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy(),
+                               cache_bytes=settings.state_cache_mb << 20)
     sink = await open_sink(settings, processor, publish)
     try:
         columns = BehaviorColumns.from_table(table)
@@ -156,13 +157,13 @@ async def replay_files(
                 rows = order[np.searchsorted(partition[order], p):np.searchsorted(partition[order], p, "right")]
                 # The processed offset moves with the partition's last chunk: an interrupted
                 # replay must not tell a worker (or a topic replay) that the partition is done.
-                held = processor.store(int(p)).processed_offset()
+                held = processor.cache(int(p)).processed_offset()
                 last = max(int(offsets[rows].max()), ends.get(int(p), -1), -1 if held is None else held) \
                     if exported else None
                 for chunk in _user_chunks(rows, owner):
                     result = _fold(processor, int(p), chunk, users, owner, codes, values, columns.time_s, offsets,
                                    last if chunk[-1] == rows[-1] else None)
-                    await sink.flush(result, report)
+                    await sink.put(result, report)
                     report.add(result, 0)  # rows were counted when read
                     bar.update(chunk.size)
     finally:
@@ -206,7 +207,7 @@ def _fold(processor: BatchProcessor, partition: int, rows: np.ndarray, users: np
     ids, local = np.unique(owner[rows], return_inverse=True)
     names = [str(u) for u in users[ids]]
     cfg = processor.model.config
-    states = processor.store(partition).load(names, (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim))
+    states = processor.cache(partition).load(names)
     applied = fold_events(states, local, codes[rows], values[rows].astype(np.float64), times_s[rows],
                           np.asarray(cfg.decay_rates), offsets[rows])
     result = BatchResult(applied=int(applied.sum()), duplicates=int((~applied).sum()))

@@ -47,6 +47,16 @@ class Settings(BaseSettings):
                     "last batch, one that is behind takes this many at a time",
     )
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
+    commit_interval_s: float = Field(
+        1.0, ge=0,
+        description="how often cached states are written to RocksDB and input offsets committed: at most "
+                    "this much work is redone after a crash (0: after every micro-batch)",
+    )
+    state_cache_mb: int = Field(
+        512, ge=0,
+        description="decoded states a worker keeps in memory between micro-batches, shared by its partitions "
+                    "(~26 KB a state; 0: only one batch's)",
+    )
     device: str = Field("auto", description="torch device for encoding: auto, cpu or cuda")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for encoding on the CPU")
 

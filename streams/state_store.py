@@ -74,14 +74,19 @@ class PartitionStore:
         """The stored states of these users, in order, as one batch; a user never seen gets
         an empty state of ``shape``."""
         batch = StateBatch.empty(user_ids, self.model_version, shape)
-        raw = self._db.get([_USER + u.encode() for u in user_ids])
+        self.load_into(batch, np.arange(len(user_ids)))
+        return batch
+
+    def load_into(self, batch: StateBatch, rows: np.ndarray) -> None:
+        """Decode the stored states of ``batch``'s users at ``rows`` into those rows, which
+        must hold empty states; a user never seen keeps its empty state."""
+        raw = self._db.get([_USER + batch.user_ids[row].encode() for row in rows.tolist()])
         found = [i for i, blob in enumerate(raw) if blob is not None]
         if found:
             try:
-                decode_states([raw[i] for i in found], into=batch, rows=np.asarray(found), rows_empty=True)
+                decode_states([raw[i] for i in found], into=batch, rows=rows[found], rows_empty=True)
             except StateFormatError as exc:
                 raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
-        return batch
 
     def load_event_ids(self, user_ids: Sequence[str]) -> list[np.ndarray]:
         """Each user's recent event-id fingerprints (uint64, oldest first; empty if none)."""

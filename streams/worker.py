@@ -33,7 +33,7 @@ def load_processor(settings: Settings) -> BatchProcessor:
              torch.get_num_threads())
     return BatchProcessor(
         model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy(),
-        event_id_window=settings.event_id_window,
+        event_id_window=settings.event_id_window, cache_bytes=settings.state_cache_mb << 20,
     )
 
 

@@ -49,11 +49,15 @@ def test_bad_records_become_dead_letters_and_good_ones_apply(processor):
     assert result.applied == 3 and {s.user_id: s.event_count for s in result.states} == {"a": 2, "b": 1}
 
 
-def test_nothing_is_durable_until_commit(processor):
+def test_nothing_changes_until_commit_and_nothing_is_durable_until_flush(processor):
     processor.process(records(0, 0, [(b"a", event("a", 1, 5))]))
-    assert stored(processor, 0, ["a"]).event_count.tolist() == [0] and processor.store(0).processed_offset() is None
+    assert processor.cache(0).load(["a"]).event_count.tolist() == [0]
+    assert processor.cache(0).processed_offset() is None
     result = processor.process(records(0, 0, [(b"a", event("a", 1, 5))]))
     processor.commit(result)
+    assert processor.cache(0).load(["a"]).event_count.tolist() == [1] and processor.cache(0).processed_offset() == 0
+    assert stored(processor, 0, ["a"]).event_count.tolist() == [0] and processor.store(0).processed_offset() is None
+    assert processor.flush() == {0: 0}
     [state] = stored(processor, 0, ["a"]).states()
     assert state.event_count == 1 and state.applied_offset == 0
     assert processor.store(0).processed_offset() == 0
@@ -70,6 +74,7 @@ def test_a_redelivered_batch_is_skipped(processor):
 def test_partitions_have_separate_stores(processor):
     processor.commit(processor.process(records(0, 0, [(b"a", event("a", 1, 1))]) +
                                        records(1, 0, [(b"b", event("b", 1, 1))])))
+    processor.flush()
     assert stored(processor, 0, ["a", "b"]).event_count.tolist() == [1, 0]
     assert stored(processor, 1, ["b"]).event_count.tolist() == [1]
 
@@ -99,7 +104,7 @@ def test_a_rewound_batch_neither_moves_the_offset_back_nor_dead_letters_again(pr
     rewound = processor.process(batch[:2])
     processor.commit(rewound)
     assert rewound.duplicates == 2 and not rewound.dead_letters
-    assert processor.store(0).processed_offset() == 2
+    assert processor.flush() == {0: 2} and processor.store(0).processed_offset() == 2
     assert processor.process(batch).duplicates == 3
 
 
@@ -123,6 +128,7 @@ def test_a_repeated_event_id_is_dead_lettered_but_a_redelivery_is_not(processor,
     assert [(d.record.offset, d.rejection.reason) for d in result.dead_letters] == [(2, Reason.DUPLICATE_EVENT_ID)]
     assert result.applied == 2
     processor.commit(result)
+    processor.flush()
     # the same id again in a later batch, and another user sending the same id string
     later = processor.process(records(0, 3, [(b"a", event("a", 2, 4)), (b"b", event("a", 2, 4).replace(b'"user_id":"a"', b'"user_id":"b"'))]))
     assert [(d.record.offset, d.rejection.reason) for d in later.dead_letters] == [(3, Reason.DUPLICATE_EVENT_ID)]
@@ -144,6 +150,7 @@ def test_the_id_window_is_bounded(tmp_path):
     proc = BatchProcessor(model, "v" * 16, tmp_path, "behaviors", EventPolicy(), clock_ms=lambda: NOW_MS,
                           event_id_window=4)
     proc.commit(proc.process(records(0, 0, [(b"a", event("a", i, 10 + i)) for i in range(6)])))
+    proc.flush()
     assert len(proc.store(0).load_event_ids(["a"])[0]) == 4
     # ids 0 and 1 fell out of the window: accepted again; id 5 is still in it
     result = proc.process(records(0, 6, [(b"a", event("a", 0, 10)), (b"a", event("a", 5, 15))]))

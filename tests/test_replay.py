@@ -125,6 +125,7 @@ def test_file_replay_equals_the_worker_processor(model_file, records, events_tab
     raw = [RawRecord(0, i, key, value) for i, (key, value) in enumerate(records)]
     for lo in range(0, len(raw), 1000):
         processor.commit(processor.process(raw[lo:lo + 1000]))
+    processor.flush()
     worker = {s.user_id: s for s in processor.store(0).states()}
     processor.close()
     result = compare(Settings(model_path=path), states, worker)
