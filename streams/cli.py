@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline", help="one worker through the broker: events/s and freshness p50/p99",
         description="Drain a backlog with one worker (events_per_s), then offer a fixed rate "
         "(default: half the measured throughput) and measure freshness_p50_ms / freshness_p99_ms.")
-    pipeline.add_argument("--events", type=int, default=100_000, help="backlog size for the throughput run")
+    pipeline.add_argument("--events", type=int, default=300_000, help="backlog size for the throughput run")
     pipeline.add_argument("--rate", type=float, default=None, help="offered events/s for the freshness run")
     pipeline.add_argument("--seconds", type=float, default=30.0, help="length of the freshness run")
     pipeline.add_argument("--timeout", type=float, default=600.0)

@@ -38,7 +38,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from vql.schemas.user_state import StateBatch, encode_states
 from vql.streams.changelog import restore_partition
-from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter, RawRecord
+from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.settings import Settings
 from vql.streams.state_store import StoreError
 
@@ -270,15 +270,11 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def _apply(self, fetched: dict) -> None:
         owned = self._consumer.assignment()
-        records, timestamps = [], []
-        for tp, messages in fetched.items():
-            if tp not in owned:
-                continue  # revoked while we waited for the lock: the new owner has them
-            for m in messages:
-                records.append(RawRecord(m.partition, m.offset, m.key, m.value))
-                timestamps.append(m.timestamp)
+        # A partition revoked while we waited for the lock: the new owner has its records.
+        records = [m for tp, messages in fetched.items() if tp in owned for m in messages]
         if not records:
             return
+        timestamps = [m.timestamp for m in records]
         started = time.perf_counter()
         result = self.processor.process(records)
         processed = time.perf_counter()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -29,9 +30,23 @@ from vql.streams.state_cache import StateCache
 from vql.streams.state_store import PartitionStore, partition_store_path
 
 
+class Record(Protocol):
+    """A consumed Kafka record, as the processor needs it: aiokafka's ConsumerRecord is one,
+    so the worker passes fetched records through without a copy per record."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
 @dataclass(frozen=True)
 class RawRecord:
-    """A consumed Kafka record, as the processor needs it."""
+    """A record made by hand (tools, tests): the four fields of :class:`Record`."""
 
     partition: int
     offset: int
@@ -41,7 +56,7 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    record: RawRecord
+    record: Record
     rejection: Rejection
 
 
@@ -168,7 +183,7 @@ class BatchProcessor:
 
     # -- the batch --------------------------------------------------------------------------
 
-    def process(self, records: Sequence[RawRecord]) -> BatchResult:
+    def process(self, records: Sequence[Record]) -> BatchResult:
         """Decode, encode and fold ``records`` into copies of their users' states: nothing
         changes until :meth:`commit` (after publishing), nothing is durable until :meth:`flush`.
 
@@ -297,7 +312,7 @@ class _EventRows:
     partition: np.ndarray
     offset: np.ndarray
     position: np.ndarray  # index into the batch's records
-    records: Sequence[RawRecord]
+    records: Sequence[Record]
     columns: BehaviorColumns
     codes: np.ndarray | None
     values: np.ndarray | None
@@ -314,7 +329,7 @@ class _EventRows:
     def event_ids(self, rows: np.ndarray) -> list[str]:
         return self.table.column("event_id").take(pa.array(rows)).to_pylist()
 
-    def record(self, row: int) -> RawRecord:
+    def record(self, row: int) -> Record:
         return self.records[int(self.position[row])]
 
 

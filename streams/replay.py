@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from vql.model.encoder import VQLModel
 from vql.streams.consumer import Publisher
-from vql.streams.processor import BatchProcessor, BatchResult, RawRecord
+from vql.streams.processor import BatchProcessor, BatchResult, Record
 from vql.streams.settings import Settings
 from vql.streams.topics import admin, ensure_topics
 
@@ -234,17 +234,17 @@ async def _bounds(consumer: AIOKafkaConsumer, processor: BatchProcessor, setting
 
 
 async def _next_batch(consumer: AIOKafkaConsumer, todo: dict[TopicPartition, tuple[int, int]],
-                      batch_size: int) -> list[RawRecord]:
+                      batch_size: int) -> list[Record]:
     """Up to ``batch_size`` records below each partition's end; finished partitions leave
     ``todo`` (and are paused, so fetches serve the others)."""
-    records: list[RawRecord] = []
+    records: list[Record] = []
     while todo and len(records) < batch_size:
         fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=batch_size - len(records))
         if not fetched:
             break
         for tp, messages in fetched.items():
             end = todo[tp][1]
-            records.extend(RawRecord(m.partition, m.offset, m.key, m.value) for m in messages if m.offset < end)
+            records.extend(m for m in messages if m.offset < end)
             if messages and messages[-1].offset >= end - 1:
                 del todo[tp]
                 consumer.pause(tp)

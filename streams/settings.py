@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
     commit_interval_s: float = Field(
-        1.0, ge=0,
+        5.0, ge=0,
         description="how often cached states are written to RocksDB and input offsets committed: at most "
                     "this much work is redone after a crash (0: after every micro-batch)",
     )

@@ -44,6 +44,7 @@ class Pipeline:
         settings = Settings(
             kafka_bootstrap=bootstrap, data_dir=tmp_path, model_path=model_path, partitions=partitions,
             web_port=0, batch_size=500, session_timeout_s=6.0,
+            commit_interval_s=1.0,  # tests wait for commits: the same protocol as the default 5 s, sooner
         ).scoped(f"test-{uuid.uuid4().hex[:8]}")
         ensure_topics(settings)
         return cls(settings)
