@@ -160,13 +160,11 @@ class StateBatch:
         self.log_count[rows] = -np.inf
         self.mean[rows] = 0.0
 
-    def resized(self, size: int) -> "StateBatch":
-        """A copy with ``size`` rows: these rows first, then empty states with no user id."""
-        grown = StateBatch.empty(self.user_ids[:size] + [""] * max(0, size - len(self)), self.model_version,
-                                 self.shape)
-        kept = min(size, len(self))
+    def grown(self, size: int) -> "StateBatch":
+        """A copy with ``size`` >= len(self) rows: these first, then empty states with no user id."""
+        grown = StateBatch.empty(self.user_ids + [""] * (size - len(self)), self.model_version, self.shape)
         for column in _COLUMNS:
-            getattr(grown, column)[:kept] = getattr(self, column)[:kept]
+            getattr(grown, column)[:len(self)] = getattr(self, column)
         return grown
 
 

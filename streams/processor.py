@@ -165,6 +165,7 @@ class BatchProcessor:
         return any(cache.over_capacity for cache in self._caches.values())
 
     def unflushed(self) -> bool:
+        """Whether a cache holds batches not yet written (an idle worker still flushes them)."""
         return any(cache.unflushed for cache in self._caches.values())
 
     def release(self, partitions: Sequence[int]) -> None:

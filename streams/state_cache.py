@@ -137,7 +137,7 @@ class StateCache:
             # never used cost no memory (their pages are not touched).
             size = len(self._arena)
             grown = max(2 * size, size + count - len(self._free), self.capacity, 64)
-            self._arena = self._arena.resized(grown)
+            self._arena = self._arena.grown(grown)
             self._last_used = np.concatenate([self._last_used, np.zeros(grown - size, np.int64)])
             self._dirty = np.concatenate([self._dirty, np.zeros(grown - size, bool)])
             self._free.extend(range(grown - 1, size - 1, -1))
