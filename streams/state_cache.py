@@ -100,8 +100,8 @@ class StateCache:
         ``capacity``; returns the processed offset now durable (None: nothing processed)."""
         if self._unflushed:
             dirty = np.flatnonzero(self._dirty)
-            self.store.write(self._arena.take(dirty) if dirty.size else None, self._processed, self._changelog,
-                             {u: self._windows[u] for u in self._dirty_windows if u in self._windows})
+            self.store.write(self._arena, self._processed, self._changelog,
+                             {u: self._windows[u] for u in self._dirty_windows if u in self._windows}, rows=dirty)
             self._dirty[:] = False
             self._dirty_windows.clear()
             self._unflushed = False

@@ -99,10 +99,11 @@ def test_folding_in_chunks_or_merging_halves_equals_folding_at_once():
 def test_encoding_distinct_rows_equals_encoding_every_row(model_file, events_table):
     _path, model, _version = model_file
     columns = BehaviorColumns.from_table(events_table)
-    codes, values = encode_distinct(model, columns)
+    codes, values, encoded_as = encode_distinct(model, columns)
     want_codes, want_values = model.encode(columns)
-    assert np.array_equal(codes, want_codes)
-    np.testing.assert_allclose(values, want_values, atol=1e-6)
+    assert len(codes) < columns.item.size  # the fixture repeats items
+    assert np.array_equal(codes[encoded_as], want_codes)
+    np.testing.assert_allclose(values[encoded_as], want_values, atol=1e-6)
 
 
 def test_shuffled_files_give_the_same_states(model_file, events_table, tmp_path):
