@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +12,8 @@ from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
 from vql.schemas.decode import EventPolicy, Reason
 from vql.streams.processor import BatchProcessor, RawRecord
-from vql.streams.state_store import PartitionStore, StoreError, partition_store_path
+from vql.schemas.user_state import StateBatch
+from vql.streams.state_store import ENCODE_ROWS, PartitionStore, StoreError, partition_store_path
 
 NOW_MS = 1_795_000_000_000
 
@@ -84,6 +86,28 @@ def test_a_store_of_another_model_is_refused(tmp_path):
     PartitionStore(path, "a" * 16).close()
     with pytest.raises(StoreError, match="built with model"):
         PartitionStore(path, "b" * 16)
+
+
+def test_a_write_of_chosen_rows_stores_exactly_those_states_across_encode_chunks(tmp_path):
+    shape = (2, 4, 3, 5)
+    count = 2 * ENCODE_ROWS + 7
+    batch = StateBatch.empty([f"user-{i}" for i in range(count)], "a" * 16, shape)
+    rng = np.random.default_rng(0)
+    batch.log_count[:] = rng.normal(size=batch.log_count.shape)
+    batch.mean[:] = rng.normal(size=batch.mean.shape)
+    batch.event_count[:] = np.arange(count) + 1
+    batch.applied_offset[:] = np.arange(count)
+    rows = np.flatnonzero(np.arange(count) % 3 != 1)  # more rows than two chunks, not all
+    store = PartitionStore(tmp_path / "db", "a" * 16)
+    store.write(batch, 41, rows=rows)
+    stored = {state.user_id: state for state in store.states()}
+    assert sorted(stored) == sorted(batch.user_ids[i] for i in rows) and store.processed_offset() == 41
+    for row in rows.tolist():
+        state, want = stored[batch.user_ids[row]], batch.state(row)
+        assert (state.event_count, state.applied_offset) == (want.event_count, want.applied_offset)
+        np.testing.assert_array_equal(state.log_count, want.log_count)
+        np.testing.assert_array_equal(state.mean, want.mean)
+    store.close()
 
 
 def test_a_foreign_rocksdb_is_refused(tmp_path):

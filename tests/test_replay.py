@@ -19,6 +19,7 @@ from vql.model.state import apply_events, empty_state, merge_states
 from vql.schemas.arrow import FileSchemaError
 from vql.streams.cli import main
 from vql.streams.processor import BatchProcessor, RawRecord
+from vql.streams.replay import arrow_system_pool
 from vql.streams.replay_files import encode_distinct, run_replay_files
 from vql.streams.settings import Settings
 from vql.streams.state_store import PartitionStore, partition_store_path
@@ -193,3 +194,15 @@ def test_a_wrong_model_file_is_one_readable_line(tmp_path, capsys):
     assert main(["replay", "--files", str(bogus), "--model", str(bogus), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vql replay: ") and err.count("\n") == 1
+
+
+def test_a_replay_allocates_arrow_memory_with_malloc_unless_the_environment_chooses(monkeypatch):
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+    before = pa.default_memory_pool().backend_name
+    with arrow_system_pool():
+        assert pa.default_memory_pool().backend_name == "system"
+        assert pa.array(np.arange(1000)).sum().as_py() == 499500
+    assert pa.default_memory_pool().backend_name == before
+    monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", before)
+    with arrow_system_pool():
+        assert pa.default_memory_pool().backend_name == before
