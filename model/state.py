@@ -104,34 +104,44 @@ def fold_events(
 
     # One row per (event, group, rate): its cell and its forward-decay exponent a <= 0.
     n = times_s.shape[0]
+    slot = (local[:, None] * groups + np.arange(groups)[None, :]) * n_codes + codes  # (n, G): user, group, code
+    cell = (slot[:, :, None] * n_rates + np.arange(n_rates)[None, None, :]).reshape(-1)
     a = decay_rates[None, :] * (times_s - new_t0[local])[:, None]  # (n, R)
-    cell = ((local[:, None] * groups + np.arange(groups)[None, :]) * n_codes + codes)  # (n, G)
-    cell = (cell[:, :, None] * n_rates + np.arange(n_rates)[None, None, :]).reshape(-1)
     a = np.broadcast_to(a[:, None, :], (n, groups, n_rates)).reshape(-1)
 
-    # Per cell, in log space against its largest term (old sum or new events): two
-    # scatter-adds over the dense (U, G, K, R) grid, which is small; means only over the
-    # cells the batch touches.
+    # Per cell, in log space against its largest term (old sum or newest event): scatter-adds
+    # over the dense (U, G, K, R) grid, which is small. The newest event of a (user, group,
+    # code) has the largest exponent at every rate, so the peaks need a maximum over (n, G)
+    # times, not over (n, G, R) exponents; means only over the cells the batch touches.
+    newest = np.full(users * groups * n_codes, -np.inf)
+    np.maximum.at(newest, slot.reshape(-1), np.repeat(times_s, groups))
     flat_ell = ell.reshape(-1)
-    peak = flat_ell.copy()
-    np.maximum.at(peak, cell, a)
-    weight = np.exp(a - peak[cell])
     hits = np.bincount(cell, minlength=flat_ell.shape[0])
     target = np.flatnonzero(hits)  # touched cells, ascending: grouped by user
-    keep = np.exp(flat_ell[target] - peak[target])  # 0 for an empty cell
-    total = keep + np.bincount(cell, weight, minlength=flat_ell.shape[0])[target]
+    target_slot = target // n_rates
+    peak = np.maximum(flat_ell[target], decay_rates[target % n_rates]
+                      * (newest[target_slot] - new_t0[target_slot // (groups * n_codes)]))
     compact = (np.cumsum(hits > 0) - 1)[cell]  # row -> index into target
+    weight = np.exp(a - peak[compact])
+    keep = np.exp(flat_ell[target] - peak)  # 0 for an empty cell
+    total = keep + np.bincount(compact, weight, minlength=target.shape[0])
     weight = weight.reshape(n, groups, n_rates)
     weighted = np.empty((target.shape[0], dim))
     for d in range(dim):
         weighted[:, d] = np.bincount(compact, (weight * values[:, :, None, d]).reshape(-1), minlength=target.shape[0])
 
-    # Means: gather and scatter only the touched cells, addressed in the whole batch.
+    # Means: gather and scatter only the touched cells, addressed in the whole batch, each
+    # cell's mean vector as one element (a row gather moves bytes, not dim floats one by one).
     cells_per_user = groups * n_codes * n_rates
     row_cell = touched[target // cells_per_user] * cells_per_user + target % cells_per_user
-    flat_mean = batch.mean.reshape(-1, dim)  # a view: StateBatch keeps its arrays contiguous
-    flat_mean[row_cell] = (keep[:, None] * flat_mean[row_cell] + weighted) / total[:, None]
-    flat_ell[target] = peak[target] + np.log(total)
+    vector = np.dtype((np.void, dim * batch.mean.itemsize))
+    flat_mean = batch.mean.reshape(-1, dim).view(vector).reshape(-1)  # a view: StateBatch keeps its arrays contiguous
+    means = flat_mean[row_cell].view(np.float64).reshape(-1, dim)
+    means *= keep[:, None]
+    means += weighted
+    means /= total[:, None]
+    flat_mean[row_cell] = means.view(vector).reshape(-1)
+    flat_ell[target] = peak + np.log(total)
 
     batch.log_count[touched] = ell
     batch.landmark_t0[touched] = new_t0
