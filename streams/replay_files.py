@@ -1,10 +1,11 @@
 """`vql replay --files`: rebuild user states from Parquet or Arrow files, columnar end to end.
 
 pyarrow -> the event contract (schemas/arrow.py) -> vectorised validation -> duplicate event
-ids dropped (Arrow group-by) -> :meth:`VQLModel.encode` once per distinct feature row ->
-:func:`vql.model.state.fold_events` per few thousand users -> the worker's stores (and,
-optionally, the states topic) through the same :class:`StateSink` as a topic replay. Python
-runs per user (state objects) and per chunk, never per event.
+ids dropped (Arrow dictionary encoding, one sort) -> :meth:`VQLModel.encode` once per distinct
+feature row -> :func:`vql.model.state.fold_events` per USERS_PER_CHUNK users -> the worker's
+stores (and, optionally, the states topic) through the same :class:`StateSink` as a topic
+replay, each chunk written as soon as it is folded. Python runs per user (state objects)
+and per chunk, never per event.
 
 Events exported from a topic carry ``partition`` and ``offset``: their states land in the
 store of that partition with the offsets as applied offsets, which makes them equal to a
