@@ -128,14 +128,15 @@ async def replay_files(
     report.events_read = table.num_rows
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     reason = validate_events(table, now_ms or int(time.time() * 1000), settings.event_policy())
-    reason = _repeated_ids(table, reason)
+    user = _dictionary(table.column("user_id"))  # hashing in Arrow, not Python; null for a bad row
+    reason = _repeated_ids(table, user, reason)
     for index, count in zip(*np.unique(reason[reason >= 0], return_counts=True)):
         report.dead_letters[list(Reason)[index].value] = int(count)
-    table = table.filter(pa.array(reason < 0))
+    accepted = reason < 0
+    table = table.filter(pa.array(accepted))
 
-    encoded = _dictionary(table.column("user_id"))  # hashing in Arrow, not Python
-    users = encoded.dictionary.to_numpy(zero_copy_only=False)
-    owner = encoded.indices.to_numpy().astype(np.int64)
+    users = user.dictionary.to_numpy(zero_copy_only=False)  # those of rejected rows too: never folded
+    owner = user.indices.fill_null(0).to_numpy()[accepted].astype(np.int64)
     exported = all(name in table.column_names and table.column(name).null_count == 0
                    for name in ("partition", "offset"))
     if exported:
@@ -179,12 +180,13 @@ async def replay_files(
     return report
 
 
-def _repeated_ids(table: pa.Table, reason: np.ndarray) -> np.ndarray:
+def _repeated_ids(table: pa.Table, user: pa.DictionaryArray, reason: np.ndarray) -> np.ndarray:
     """A user's event id counts once, at its first occurrence (its lowest offset, or its
     first row): later ones are rejected as duplicate_event_id, as the worker does. Ids are
-    dictionary-encoded by Arrow, so the search is a sort of integers."""
+    dictionary-encoded by Arrow (``user``: the table's user ids), so the search is a sort of
+    integers."""
     sort_key = "offset" if "offset" in table.column_names and table.column("offset").null_count == 0 else "row"
-    user, event = _dictionary(table.column("user_id")), _dictionary(table.column("event_id"))
+    event = _dictionary(table.column("event_id"))
     pair = (user.indices.fill_null(0).to_numpy().astype(np.int64) * len(event.dictionary)
             + event.indices.fill_null(0).to_numpy())
     valid = np.flatnonzero(reason < 0)
