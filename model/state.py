@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from vql.schemas.user_state import StateBatch, UserState
 
@@ -154,6 +153,8 @@ def _scatter_max(out: np.ndarray, index: np.ndarray, values: np.ndarray) -> np.n
     """``out[index[i]] = max(out[index[i]], values[i])`` for every i, in place; returns ``out``.
     ``np.maximum.at`` does the same unbuffered, element by element, and was the fold's
     slowest line; torch's scatter is compiled."""
+    import torch  # here, not at the top: rankers read states with this module and no torch
+
     torch.from_numpy(out).scatter_reduce_(0, torch.from_numpy(np.ascontiguousarray(index, np.int64)),
                                           torch.from_numpy(np.ascontiguousarray(values, out.dtype)), "amax")
     return out
@@ -166,6 +167,8 @@ def _weighted_sums(cell: np.ndarray, weight: np.ndarray, values: np.ndarray, cel
     One row-wise scatter-add (torch's ``index_add_``) per rate: a row of the (n * G, D)
     products lands in its cell whole, where 16 ``np.bincount`` calls, one per value dimension,
     took 1.5x as long on a 2,048-user chunk (docs/performance.md)."""
+    import torch  # see _scatter_max
+
     sums = torch.zeros((cells, values.shape[-1]), dtype=torch.float64)
     vectors = torch.from_numpy(np.ascontiguousarray(values, np.float64))
     for rate in range(cell.shape[2]):
