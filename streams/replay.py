@@ -92,16 +92,27 @@ class ReplayReport:
     users: set = field(default_factory=set)
     states_published: int = 0
     seconds: float = 0.0
-    cpu_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # of every process the replay ran in
+    jobs: int = 1  # processes that folded it
 
     def summary(self) -> str:
         rejected = sum(self.dead_letters.values())
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.dead_letters.items())) or "none"
         rate = self.events_read / self.seconds if self.seconds else 0.0
+        jobs = f", {self.jobs} jobs" if self.jobs > 1 else ""
         return (f"read {self.events_read:,} events in {self.seconds:.1f} s ({rate:,.0f} events/s, "
-                f"CPU {self.cpu_seconds:.1f} s): applied {self.applied:,}, already applied {self.skipped:,}, "
+                f"CPU {self.cpu_seconds:.1f} s{jobs}): applied {self.applied:,}, already applied {self.skipped:,}, "
                 f"rejected {rejected:,} ({reasons}); {len(self.users):,} users changed, "
                 f"{self.states_published:,} states published")
+
+    def merge(self, other: "ReplayReport") -> None:
+        """Add what ``other`` (one job of the same replay) did; times stay the caller's."""
+        self.events_read += other.events_read
+        self.applied += other.applied
+        self.skipped += other.skipped
+        self.dead_letters.update(other.dead_letters)
+        self.users |= other.users
+        self.states_published += other.states_published
 
     def add(self, result: BatchResult, records: int) -> None:
         self.events_read += records

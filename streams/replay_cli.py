@@ -43,6 +43,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--partitions", type=int, help="--files without partition columns: partitions of the "
                      "store layout (default: $VQL_PARTITIONS)")
     cmd.add_argument("--batch-size", type=int, default=32_768, help="topic replay: records per batch")
+    cmd.add_argument("--jobs", type=_positive, help="--files: processes that fold the partitions (default: "
+                     "$VQL_REPLAY_JOBS, or one per CPU core)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     cmd.set_defaults(handler=replay)
 
@@ -62,6 +64,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--topic", help="default: $VQL_BEHAVIORS_TOPIC")
     cmd.add_argument("--no-progress", action="store_true")
     cmd.set_defaults(handler=import_files)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return int(text)
 
 
 def _time_ms(text: str) -> int:
@@ -115,7 +123,7 @@ def _replay(args: argparse.Namespace, settings: Settings):
           f"{settings.data_dir / 'stores' / version}" + (f" and {settings.states_topic}" if args.publish else ""))
     if args.files:
         return run_replay_files(args.files, settings, model, version, publish=bool(args.publish),
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, jobs=args.jobs)
     span = TopicRange(tuple(args.partition) if args.partition else None, args.from_offset, args.to_offset,
                       args.from_time, args.to_time)
     return run_replay_topic(settings, model, version, span=span, publish=bool(args.publish), group=args.group,

@@ -5,7 +5,8 @@ ids dropped (Arrow dictionary encoding, one sort) -> :meth:`VQLModel.encode` onc
 feature row -> :func:`vql.model.state.fold_events` per USERS_PER_CHUNK users -> the worker's
 stores (and, optionally, the states topic) through the same :class:`StateSink` as a topic
 replay, each chunk written as soon as it is folded. Python runs per user (state objects)
-and per chunk, never per event.
+and per chunk, never per event. The partitions are folded by forked jobs, one per core
+(streams/jobs.py): each has its own stores, so they share nothing but the prepared events.
 
 Events exported from a topic carry ``partition`` and ``offset``: their states land in the
 store of that partition with the offsets as applied offsets, which makes them equal to a
@@ -19,8 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +42,17 @@ from vql.model.state import fold_events
 from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
 from vql.schemas.decode import Reason
 from vql.schemas.events import Action, Modality
+from vql.streams.jobs import default_jobs, run_jobs
 from vql.streams.processor import BatchProcessor, BatchResult
 from vql.streams.replay import ReplayReport, arrow_system_pool, close_sink, open_sink, torch_threads
 from vql.streams.settings import Settings
+from vql.streams.state_store import rocksdb_started
+from vql.streams.topics import ensure_topics
 
 USERS_PER_CHUNK = 512  # users folded together: ~13 MB of float64 states, memory each chunk reuses
 ENCODE_BATCH = 8192  # rows per encode call: the encoder's sweet spot on CPU (docs/performance.md)
+
+log = logging.getLogger(__name__)
 
 
 def read_events(paths: Sequence[Path]) -> pa.Table:
@@ -110,7 +120,29 @@ def user_partitions(user_ids: np.ndarray, partitions: int) -> np.ndarray:
     return np.array([(murmur2(u.encode()) & 0x7FFFFFFF) % partitions for u in user_ids], np.int64)
 
 
-async def replay_files(
+@dataclass
+class _Events:
+    """A replay's accepted events, prepared once (validated, deduplicated, encoded) for the
+    jobs that fold its partitions: row i belongs to ``users[owner[i]]`` and encodes to
+    ``codes[encoded_as[i]], values[encoded_as[i]]``."""
+
+    users: np.ndarray
+    owner: np.ndarray
+    partition: np.ndarray
+    offsets: np.ndarray
+    times_s: np.ndarray
+    codes: np.ndarray
+    values: np.ndarray
+    encoded_as: np.ndarray
+    ends: dict[int, int] | None  # exported files: per partition, the last offset the export read
+
+    def rows(self, partition: int) -> np.ndarray:
+        """The partition's rows, sorted by user."""
+        rows = np.flatnonzero(self.partition == partition)
+        return rows[np.argsort(self.owner[rows], kind="stable")]
+
+
+def run_replay_files(
     paths: Sequence[Path],
     settings: Settings,
     model: VQLModel,
@@ -118,11 +150,54 @@ async def replay_files(
     publish: bool = False,
     now_ms: int | None = None,
     progress: bool = True,
+    jobs: int | None = None,
 ) -> ReplayReport:
     """Replay the events of ``paths`` into the stores under ``settings.data_dir`` (store
     topic ``settings.behaviors_topic``, ``settings.partitions`` partitions unless the files
-    say) and, with ``publish``, into ``settings.states_topic``."""
-    started, cpu_started = time.perf_counter(), time.process_time()
+    say) and, with ``publish``, into ``settings.states_topic``. The partitions are folded by
+    ``jobs`` processes (default ``settings.replay_jobs``; streams/jobs.py)."""
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    jobs = _jobs(jobs or settings.replay_jobs or default_jobs())
+    with arrow_system_pool():
+        with torch_threads(jobs):  # the encoder has the cores to itself until the jobs start
+            report, events, settings = _prepare(paths, settings, model, now_ms)
+        work = _share(events, jobs)
+        if publish and len(work) > 1:
+            ensure_topics(settings)  # once, before the jobs' producers race to create them
+
+        def job(partitions: list[int], tick) -> ReplayReport:
+            return asyncio.run(_fold_partitions(partitions, events, settings, model, version, publish, tick))
+
+        with torch_threads(), tqdm(total=int(events.owner.size), unit="ev", unit_scale=True, desc="replay files",
+                                   disable=not progress) as bar:
+            for part in run_jobs(work, job, bar.update):
+                report.merge(part)
+    report.jobs = len(work)
+    report.seconds = time.perf_counter() - started
+    report.cpu_seconds = _cpu_seconds() - cpu_started
+    return report
+
+
+def _jobs(requested: int) -> int:
+    """``requested``, or 1 where forking would be unsafe: off Linux, and in a process that
+    has already opened a RocksDB store (``rocksdb_started``), which its children would
+    inherit without RocksDB's threads. `vql replay` opens none before the jobs start."""
+    if requested > 1 and (sys.platform != "linux" or rocksdb_started()):
+        log.warning("replaying in one process, not %d: this process has opened RocksDB stores (or is not on "
+                    "Linux), and forked jobs would inherit them without RocksDB's threads", requested)
+        return 1
+    return requested
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the jobs it has waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
+             now_ms: int | None) -> tuple[ReplayReport, _Events, Settings]:
+    """Read, validate, drop repeated event ids and encode: what every partition's fold reads."""
     report = ReplayReport()
     table = read_events(paths)
     report.events_read = table.num_rows
@@ -147,36 +222,52 @@ async def replay_files(
         partitions = settings.partitions
         partition = user_partitions(users, partitions)[owner]
         offsets = table.column("row").to_numpy()
-    ends = last_offsets(paths) if exported else {}
-    settings = settings.model_copy(update={"partitions": partitions})
-    # No cache: every user is folded once, in one chunk, so each chunk is written as soon as
-    # it is folded (small WriteBatches, whose memory the next one reuses).
+    columns = BehaviorColumns.from_table(table)
+    codes, values, encoded_as = encode_distinct(model, columns)
+    events = _Events(users, owner, partition, offsets, columns.time_s, codes, values, encoded_as,
+                     last_offsets(paths) if exported else None)
+    return report, events, settings.model_copy(update={"partitions": partitions})
+
+
+def _share(events: _Events, jobs: int) -> list[list[int]]:
+    """The partitions with events, dealt to at most ``jobs`` jobs, largest first to the job
+    with the fewest rows so far."""
+    partitions, sizes = np.unique(events.partition, return_counts=True)
+    work: list[list[int]] = [[] for _ in range(max(1, min(jobs, partitions.size)))]
+    load = [0] * len(work)
+    for p, size in sorted(zip(partitions.tolist(), sizes.tolist()), key=lambda ps: -ps[1]):
+        lightest = load.index(min(load))
+        work[lightest].append(p)
+        load[lightest] += size
+    return work
+
+
+async def _fold_partitions(partitions: list[int], events: _Events, settings: Settings, model: VQLModel,
+                           version: str, publish: bool, tick) -> ReplayReport:
+    """Fold the partitions' events, USERS_PER_CHUNK users at a time, each chunk published (with
+    ``publish``) and written as soon as it is folded: one job's work."""
+    report = ReplayReport()
+    # No cache: every user is folded once, in one chunk (small WriteBatches, whose memory the
+    # next one reuses).
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy())
     sink = await open_sink(settings, processor, publish)
     try:
-        columns = BehaviorColumns.from_table(table)
-        codes, values, encoded_as = encode_distinct(model, columns)
-        order = np.lexsort((owner, partition))
-        with tqdm(total=int(order.size), unit="ev", unit_scale=True, desc="replay files",
-                  disable=not progress) as bar:
-            for p in np.unique(partition):
-                rows = order[np.searchsorted(partition[order], p):np.searchsorted(partition[order], p, "right")]
+        for p in partitions:
+            rows = events.rows(p)
+            last = None
+            if events.ends is not None:
                 # The processed offset moves with the partition's last chunk: an interrupted
                 # replay must not tell a worker (or a topic replay) that the partition is done.
-                held = processor.cache(int(p)).processed_offset()
-                last = max(int(offsets[rows].max()), ends.get(int(p), -1), -1 if held is None else held) \
-                    if exported else None
-                for chunk in _user_chunks(rows, owner):
-                    result = _fold(processor, int(p), chunk, users, owner, codes, values, encoded_as, columns.time_s,
-                                   offsets, last if chunk[-1] == rows[-1] else None)
-                    await sink.put(result, report)
-                    report.add(result, 0)  # rows were counted when read
-                    bar.update(chunk.size)
+                held = processor.cache(p).processed_offset()
+                last = max(int(events.offsets[rows].max()), events.ends.get(p, -1), -1 if held is None else held)
+            for chunk in _user_chunks(rows, events.owner):
+                result = _fold(processor, p, chunk, events, last if chunk[-1] == rows[-1] else None)
+                await sink.put(result, report)
+                report.add(result, 0)  # rows were counted when read
+                tick(chunk.size)
     finally:
         await close_sink(sink)
         processor.close()
-    report.seconds = time.perf_counter() - started
-    report.cpu_seconds = time.process_time() - cpu_started
     return report
 
 
@@ -211,26 +302,18 @@ def _user_chunks(rows: np.ndarray, owner: np.ndarray) -> list[np.ndarray]:
     return np.split(rows, cuts)
 
 
-def _fold(processor: BatchProcessor, partition: int, rows: np.ndarray, users: np.ndarray, owner: np.ndarray,
-          codes: np.ndarray, values: np.ndarray, encoded_as: np.ndarray, times_s: np.ndarray, offsets: np.ndarray,
+def _fold(processor: BatchProcessor, partition: int, rows: np.ndarray, events: _Events,
           processed: int | None) -> BatchResult:
     """One chunk of users folded into their stored states (a resumed replay: what they applied
     is skipped by their applied offsets) or empty ones, by the worker's state math."""
-    ids, local = np.unique(owner[rows], return_inverse=True)
-    names = [str(u) for u in users[ids]]
+    ids, local = np.unique(events.owner[rows], return_inverse=True)
+    names = [str(u) for u in events.users[ids]]
     cfg = processor.model.config
     states = processor.cache(partition).load(names)
-    distinct = encoded_as[rows]
-    applied = fold_events(states, local, codes[distinct], values[distinct].astype(np.float64), times_s[rows],
-                          np.asarray(cfg.decay_rates), offsets[rows])
+    distinct = events.encoded_as[rows]
+    applied = fold_events(states, local, events.codes[distinct], events.values[distinct].astype(np.float64),
+                          events.times_s[rows], np.asarray(cfg.decay_rates), events.offsets[rows])
     result = BatchResult(applied=int(applied.sum()), duplicates=int((~applied).sum()))
     changed = np.unique(local[applied])
     result.writes = [(partition, states if changed.size == len(states) else states.take(changed), processed)]
     return result
-
-
-def run_replay_files(paths: Sequence[Path], settings: Settings, model: VQLModel, version: str,
-                     **options) -> ReplayReport:
-    """:func:`replay_files` from synchronous code."""
-    with torch_threads(), arrow_system_pool():
-        return asyncio.run(replay_files(paths, settings, model, version, **options))

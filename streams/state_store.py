@@ -11,6 +11,7 @@ another, so opening a store with a different model is refused, never silently mi
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -149,6 +150,20 @@ class PartitionStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def rocksdb_started() -> bool:
+    """Whether this process runs RocksDB's background threads: its first store started them,
+    and they outlive every store. A forked child inherits RocksDB's state but not the threads,
+    and its first store waits for them for ever on close, so a process that has them must not
+    fork workers that open stores (streams/jobs.py). Linux names them ``rocksdb:<pool>``."""
+    for comm in glob.glob("/proc/self/task/*/comm"):
+        try:
+            if Path(comm).read_text().startswith("rocksdb:"):
+                return True
+        except OSError:  # the thread ended meanwhile
+            continue
+    return False
 
 
 def partition_store_path(data_dir: Path, model_version: str, topic: str, partition: int) -> Path:

@@ -3,6 +3,9 @@ columnar file replay is order-free, resumable, and reports bad input and bad fil
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -133,6 +136,30 @@ def test_file_replay_equals_the_worker_processor(model_file, records, events_tab
     result = compare(Settings(model_path=path), states, worker)
     assert result.ok and result.users_compared == len(worker), result.summary()
     assert all(states[u].applied_offset == s.applied_offset for u, s in worker.items())
+
+
+def test_jobs_in_forked_processes_give_the_states_of_one_process(model_file, events_table, tmp_path):
+    """`vql replay --files --jobs 2` in a fresh process (this one has opened RocksDB stores,
+    so it would not fork) against one process."""
+    path, _model, version = model_file
+    _s, _r, single = replay(events_table, tmp_path, "single", model_file, jobs=1)
+    file = tmp_path / "single.parquet"
+    out = subprocess.run([sys.executable, "-m", "vql.streams.cli", "replay", "--files", str(file), "--model", str(path),
+                          "--data-dir", str(tmp_path / "jobs"), "--partitions", "3", "--jobs", "2", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ", 2 jobs)" in out.stdout and f"applied {events_table.num_rows:,}" in out.stdout
+    forked = stored(Settings(data_dir=tmp_path / "jobs", partitions=3), version)
+    result = compare(Settings(model_path=path), forked, single)
+    assert result.ok and result.users_compared == len(single) > 50, result.summary()
+
+
+def test_a_process_with_rocksdb_open_replays_in_one_job_and_says_so(model_file, events_table, tmp_path, caplog):
+    PartitionStore(tmp_path / "opened", model_file[2]).close()  # RocksDB's threads now run here
+    with caplog.at_level(logging.WARNING, logger="vql.streams.replay_files"):
+        _s, report, states = replay(events_table, tmp_path, "fallback", model_file, jobs=2)
+    assert report.jobs == 1 and report.applied == events_table.num_rows
+    assert "replaying in one process, not 2" in caplog.text
 
 
 def test_an_interrupted_file_replay_resumes_to_the_same_states(model_file, events_table, tmp_path, monkeypatch):
