@@ -4,6 +4,9 @@ upgrade procedure of docs/replay.md runs end to end while the old worker serves.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import orjson
@@ -89,6 +92,19 @@ def test_topic_replay_equals_the_live_worker_and_so_does_the_exported_file(pipel
     result = compare(pipeline.settings, from_files, live)
     assert result.ok and result.users_compared == len(live), result.summary()
     assert all(from_files[u].applied_offset == s.applied_offset for u, s in live.items())
+    # The same file in 2 forked jobs, published: `vql replay` in a process of its own (this one
+    # has opened RocksDB stores, so it would replay in one job).
+    jobs = files.model_copy(update={"data_dir": tmp_path / "jobs", "states_topic": target.states_topic + ".jobs"})
+    out_text = subprocess.run(
+        [sys.executable, "-m", "vql.streams.cli", "replay", "--files", str(out), "--model", str(jobs.model_path),
+         "--data-dir", str(jobs.data_dir), "--store-topic", jobs.behaviors_topic, "--partitions", str(jobs.partitions),
+         "--publish", jobs.states_topic, "--jobs", "2", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "VQL_KAFKA_BOOTSTRAP": jobs.kafka_bootstrap})
+    assert out_text.returncode == 0, out_text.stderr
+    assert ", 2 jobs)" in out_text.stdout and f"{len(live):,} states published" in out_text.stdout
+    result = compare(pipeline.settings, Pipeline(jobs).published(), live)
+    assert result.ok and result.users_compared == len(live), result.summary()
+
     for p in range(pipeline.settings.partitions):  # a worker could continue from these stores
         topic_store = PartitionStore(partition_store_path(target.data_dir, version, target.behaviors_topic, p), version)
         file_store = PartitionStore(partition_store_path(files.data_dir, version, files.behaviors_topic, p), version)
