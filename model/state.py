@@ -166,7 +166,7 @@ def _weighted_sums(cell: np.ndarray, weight: np.ndarray, values: np.ndarray, cel
 
     One row-wise scatter-add (torch's ``index_add_``) per rate: a row of the (n * G, D)
     products lands in its cell whole, where 16 ``np.bincount`` calls, one per value dimension,
-    took 1.5x as long on a 2,048-user chunk (docs/performance.md)."""
+    took 63 ms against 28 on a chunk of 35,107 events (the whole fold: docs/performance.md)."""
     import torch  # see _scatter_max
 
     sums = torch.zeros((cells, values.shape[-1]), dtype=torch.float64)
