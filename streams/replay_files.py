@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -135,11 +135,19 @@ class _Events:
     values: np.ndarray
     encoded_as: np.ndarray
     ends: dict[int, int] | None  # exported files: per partition, the last offset the export read
+    sizes: dict[int, int] = field(init=False)  # rows per partition, those with any
+
+    def __post_init__(self) -> None:
+        # One sort, by partition then user, shared by every job: a partition's rows are a slice.
+        self._order = np.lexsort((self.owner, self.partition))
+        partitions, starts, counts = np.unique(self.partition[self._order], return_index=True, return_counts=True)
+        self.sizes = dict(zip(partitions.tolist(), counts.tolist()))
+        self._starts = dict(zip(partitions.tolist(), starts.tolist()))
 
     def rows(self, partition: int) -> np.ndarray:
         """The partition's rows, sorted by user."""
-        rows = np.flatnonzero(self.partition == partition)
-        return rows[np.argsort(self.owner[rows], kind="stable")]
+        start = self._starts[partition]
+        return self._order[start:start + self.sizes[partition]]
 
 
 def run_replay_files(
@@ -232,10 +240,9 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
 def _share(events: _Events, jobs: int) -> list[list[int]]:
     """The partitions with events, dealt to at most ``jobs`` jobs, largest first to the job
     with the fewest rows so far."""
-    partitions, sizes = np.unique(events.partition, return_counts=True)
-    work: list[list[int]] = [[] for _ in range(max(1, min(jobs, partitions.size)))]
+    work: list[list[int]] = [[] for _ in range(max(1, min(jobs, len(events.sizes))))]
     load = [0] * len(work)
-    for p, size in sorted(zip(partitions.tolist(), sizes.tolist()), key=lambda ps: -ps[1]):
+    for p, size in sorted(events.sizes.items(), key=lambda ps: -ps[1]):
         lightest = load.index(min(load))
         work[lightest].append(p)
         load[lightest] += size
