@@ -20,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
+from kafka import TopicPartition
 from kafka.partitioner.default import murmur2
 
 from vql.bench.report import emit
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
-from vql.schemas.user_state import decode_user_state
+from vql.schemas.user_state import read_state_header
 from vql.streams.demo import start_worker, stop_worker
 from vql.streams.demo_events import DemoSpec, generate, history_lengths
 from vql.streams.settings import Settings
-from vql.streams.topics import ensure_topics, produce_all, read_topic
+from vql.streams.topics import ensure_topics, produce_all, read_topic, reader
 
 # Demo users with a modest history each: the stream touches many users per batch. Both
 # runs draw from the same 5,000 users, a longer run giving each user more events.
@@ -56,22 +57,37 @@ def _records(count: int) -> list[tuple[bytes, bytes]]:
     return records
 
 
-def _published(settings: Settings) -> list[tuple[int, int, bytes]]:
-    """(partition, timestamp ms, state) of every state publication, in order."""
-    return [(p, ts, value) for p, _o, _k, value, _h, ts in read_topic(
-        settings.kafka_bootstrap, settings.states_topic, idle_s=2.0, with_timestamps=True)]
+def _wait_until_committed(settings: Settings, timeout_s: float, worker) -> None:
+    """Until the worker's group has committed every input offset: it commits only what it has
+    published and written. Asks the broker for offsets instead of reading states meanwhile, so
+    that the measurement takes no CPU from the worker it measures."""
+    consumer = reader(settings.kafka_bootstrap, group_id=settings.app_id)  # never subscribes: no member
+    try:
+        partitions = [TopicPartition(settings.behaviors_topic, p) for p in range(settings.partitions)]
+        end = consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if all((consumer.committed(tp) or 0) >= end[tp] for tp in partitions):
+                return
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"the worker did not commit all {sum(end.values())} events in {timeout_s} s")
+            time.sleep(1.0)
+    finally:
+        consumer.close()
 
 
-def _wait_for_states(settings: Settings, total: int, timeout_s: float, worker) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and worker.poll() is None:
-        latest: dict[bytes, int] = {}
-        for _p, _o, key, value, _h in read_topic(settings.kafka_bootstrap, settings.states_topic, idle_s=1.0):
-            latest[key] = decode_user_state(value).event_count
-        if sum(latest.values()) >= total:
-            return
-        time.sleep(2.0)
-    raise RuntimeError(f"the worker did not publish all {total} events in {timeout_s} s")
+def _publications(settings: Settings, events: int) -> list[tuple[int, int, int]]:
+    """(partition, timestamp ms, applied offset) of every state publication, in order; checks
+    that the users' latest states hold all ``events``."""
+    publications, event_counts = [], {}
+    for partition, _offset, _key, value, _headers, ts in read_topic(
+            settings.kafka_bootstrap, settings.states_topic, with_timestamps=True):
+        header = read_state_header(memoryview(value))
+        publications.append((partition, ts, header.applied_offset))
+        event_counts[header.user_id] = header.event_count
+    if sum(event_counts.values()) != events:
+        raise RuntimeError(f"the latest states hold {sum(event_counts.values())} events, not {events}")
+    return publications
 
 
 def throughput(base: Settings, work_dir: Path, events: int, timeout_s: float) -> float:
@@ -79,10 +95,10 @@ def throughput(base: Settings, work_dir: Path, events: int, timeout_s: float) ->
     produce_all(settings.kafka_bootstrap, settings.behaviors_topic, _records(events))
     worker = start_worker(settings, work_dir / "throughput-worker.log")
     try:
-        _wait_for_states(settings, events, timeout_s, worker)
+        _wait_until_committed(settings, timeout_s, worker)
     finally:
         stop_worker(worker)
-    rate = sustained_rate([(p, ts, decode_user_state(v).applied_offset) for p, ts, v in _published(settings)], events)
+    rate = sustained_rate(_publications(settings, events), events)
     emit("pipeline", "events_per_s", rate, "1/s", events=events, partitions=settings.partitions,
          batch_size=settings.batch_size)
     return rate
@@ -149,12 +165,12 @@ def freshness(base: Settings, work_dir: Path, rate: float, seconds: float, timeo
     try:
         time.sleep(15.0)  # let the worker join its group before the clock starts
         asyncio.run(_offer(settings, records, rate))
-        _wait_for_states(settings, len(records), timeout_s, worker)
+        _wait_until_committed(settings, timeout_s, worker)
     finally:
         stop_worker(worker)
     produced = {(p, o): ts for p, o, _k, _v, _h, ts in read_topic(
         settings.kafka_bootstrap, settings.behaviors_topic, with_timestamps=True)}
-    ages = np.array([ts - produced[(p, decode_user_state(v).applied_offset)] for p, ts, v in _published(settings)])
+    ages = np.array([ts - produced[(p, offset)] for p, ts, offset in _publications(settings, len(records))])
     for q in (50, 99):
         emit("pipeline", f"freshness_p{q}_ms", float(np.percentile(ages, q)), "ms", offered_events_per_s=rate,
              seconds=seconds, states=len(ages))

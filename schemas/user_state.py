@@ -211,7 +211,10 @@ def _bytes_view(array: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
 
 
-class _Header(NamedTuple):
+class StateHeader(NamedTuple):
+    """What a state's fixed header and user id say: enough to index or count states
+    without decoding their cells."""
+
     layout: tuple  # (model version, groups, codes, rates, dim, value dtype): one per batch
     user_id: str
     landmark_t0: float
@@ -222,7 +225,8 @@ class _Header(NamedTuple):
     body: int  # where the user id ends and the cells begin
 
 
-def _read_header(view: memoryview) -> _Header:
+def read_state_header(view: memoryview) -> StateHeader:
+    """Parse and check one encoded state's header (raises StateFormatError)."""
     if len(view) < HEADER_BYTES:
         raise StateFormatError(f"{len(view)} bytes is shorter than a state header")
     (magic, format_version, dtype_code, _flags, version, groups, codes, rates, dim, landmark_t0,
@@ -242,7 +246,7 @@ def _read_header(view: memoryview) -> _Header:
         model_version = version.decode("ascii")
     except UnicodeDecodeError as exc:
         raise StateFormatError(f"user id or model version is not text: {exc}") from exc
-    return _Header((model_version, groups, codes, rates, dim, dtype), user_id, landmark_t0, last_event_time,
+    return StateHeader((model_version, groups, codes, rates, dim, dtype), user_id, landmark_t0, last_event_time,
                    event_count, applied_offset, n_cells, HEADER_BYTES + user_len)
 
 
@@ -259,7 +263,7 @@ def decode_states(blobs: Sequence[bytes | memoryview], into: StateBatch | None =
     if not blobs:
         raise ValueError("decode_states needs at least one state")
     views = [memoryview(blob) for blob in blobs]
-    headers = [_read_header(view) for view in views]
+    headers = [read_state_header(view) for view in views]
     layout = headers[0].layout
     if any(h.layout != layout for h in headers):
         raise StateFormatError("states of one batch must share model version, shape and precision")
