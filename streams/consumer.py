@@ -7,13 +7,17 @@ than everything else together and capped a worker at about 4,500 events/s on 2 c
 
 Order of work per micro-batch, what makes at-least-once delivery safe (design/pipeline.md):
 
-1. process: decode, encode, fold into copies of the users' states (nothing changed yet);
-2. publish the changed states (co-partitioned, as whole producer batches) and the dead
-   letters, and wait until Kafka has them all;
-3. hand the states, processed offset and changelog offset to the partitions' write-behind
-   caches (streams/state_cache.py);
-4. every ``commit_interval_s`` (and before partitions leave, and on shutdown): write what the
-   caches hold in one RocksDB WriteBatch a partition, then commit the input offsets.
+1. process: decode, encode, fold into copies of the users' states, in a thread, while the
+   event loop sends the previous batch's states and takes Kafka's acknowledgements;
+2. wait until Kafka has acknowledged the previous batch;
+3. hand the states and processed offset to the partitions' write-behind caches
+   (streams/state_cache.py), so that the next batch folds on top of them;
+4. publish the changed states (co-partitioned, as whole producer batches) and the dead
+   letters, without waiting: the acknowledgements bring the changelog offsets to the caches;
+5. every ``commit_interval_s`` (and before partitions leave, and on shutdown): wait for the
+   publication in flight, write what the caches hold in one RocksDB WriteBatch a
+   partition, then commit the input offsets. A failed publication stops the worker before
+   any of this: the caches then hold states Kafka lacks, and are never written.
 
 A crash anywhere redelivers what came after the last flush; per-user applied offsets make
 the second application a no-op. A partition assigned to this worker is first brought up to date from its
@@ -141,6 +145,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
         self._consumer: AIOKafkaConsumer | None = None
         self._publisher: Publisher | None = None
+        self._in_flight: asyncio.Future | None = None  # the last batch's publication
+        self._failed: Exception | None = None  # why a publication failed: the worker must stop
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -161,12 +167,15 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     async def on_stop(self) -> None:
         # Let the batch in flight finish (publish, cache), then write and commit everything.
         async with self._lock:
-            if self._consumer is not None:
-                await self._flush_and_commit()
-                await self._consumer.stop()
-            if self._publisher is not None:
-                await self._publisher.producer.stop()
-            self.processor.close()
+            try:
+                if self._consumer is not None:
+                    await self._flush_and_commit()
+            finally:  # a failed publication raises above, and has dropped the caches: nothing to write
+                if self._consumer is not None:
+                    await self._consumer.stop()
+                if self._publisher is not None:
+                    await self._publisher.producer.stop()
+                self.processor.close()
 
     # -- rebalancing (aiokafka calls these between polls) -------------------------------------
 
@@ -251,6 +260,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     async def _flush_and_commit(self, partitions: list[int] | None = None) -> None:
         """Write the caches of ``partitions`` (default: all) to RocksDB, then commit the
         input offsets they reached: never the other way round."""
+        await self._settle()
         started = time.perf_counter()
         durable = self.processor.flush(partitions)
         flushed = time.perf_counter()
@@ -276,17 +286,46 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             return
         timestamps = [m.timestamp for m in records]
         started = time.perf_counter()
-        result = self.processor.process(records)
+        # In a thread: the event loop meanwhile sends the previous batch's states and takes
+        # Kafka's acknowledgements (and heartbeats), on the core the processing leaves free.
+        result = await asyncio.to_thread(self.processor.process, records)
         processed = time.perf_counter()
+        await self._settle()
+        # Into the caches before publication, so that the next batch folds on top of these
+        # states while they travel: safe because nothing reaches RocksDB before every
+        # publication in flight is acknowledged (_flush_and_commit settles first), and a
+        # failed publication stops the worker without a flush (_settle).
+        self.processor.commit(result)
+        self.status = "ready"
+        self._in_flight = asyncio.ensure_future(self._publish(result, timestamps, processed - started))
+
+    async def _publish(self, result: BatchResult, timestamps: list[int], process_s: float) -> None:
+        started = time.perf_counter()
         changelog = await self._publisher.publish(result)
         published = time.perf_counter()
-        self.processor.commit(result, changelog)
-        self.status = "ready"
-        self.on_batch(result, timestamps, processed - started, published - processed)
+        self.processor.reached(changelog)
+        self.on_batch(result, timestamps, process_s, published - started)
         log.info(
             "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published; "
-            "process %.0f ms (encode %.0f), publish %.0f ms, cache %.0f ms",
-            len(records), result.applied, result.duplicates, len(result.dead_letters), result.state_count,
-            (processed - started) * 1e3, result.encode_s * 1e3, (published - processed) * 1e3,
-            (time.perf_counter() - published) * 1e3,
+            "process %.0f ms (encode %.0f), publish %.0f ms",
+            len(timestamps), result.applied, result.duplicates, len(result.dead_letters), result.state_count,
+            process_s * 1e3, result.encode_s * 1e3, (published - started) * 1e3,
         )
+
+    async def _settle(self) -> None:
+        """Wait for the publication in flight. If it failed, the caches hold states Kafka
+        does not have: they are dropped unwritten, and this raises now and at every later
+        call, so that the worker stops instead of consuming on (the records since the last
+        flush come again, to whoever owns their partitions next)."""
+        if self._failed is not None:
+            raise RuntimeError("a publication failed: this worker stops; the records since its last "
+                               "flush will be redelivered") from self._failed
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return
+        try:
+            await in_flight
+        except Exception as exc:
+            self._failed = exc
+            self.processor.discard()
+            raise

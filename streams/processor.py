@@ -179,6 +179,11 @@ class BatchProcessor:
         if self._caches:
             self._share_cache()
 
+    def discard(self) -> None:
+        """Drop every cache unwritten (a batch they hold was never published): the states
+        are read from the stores again, as they were at the last flush."""
+        self._caches.clear()
+
     def close(self) -> None:
         self.release(list(self._stores))
 
@@ -186,7 +191,8 @@ class BatchProcessor:
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         """Decode, encode and fold ``records`` into copies of their users' states: nothing
-        changes until :meth:`commit` (after publishing), nothing is durable until :meth:`flush`.
+        changes until :meth:`commit`, nothing is durable until :meth:`flush` (which the worker runs
+        only once the batch is published).
 
         Two lines of defence against redelivery: records at or below the partition's
         processed offset are skipped whole; an event at or below its user's applied offset is
@@ -227,13 +233,21 @@ class BatchProcessor:
         return result
 
     def commit(self, result: BatchResult, changelog_offsets: dict[int, int] | None = None) -> None:
-        """Hand a published batch to the caches: states, event-id windows, processed offset
-        and the changelog offset they reach. Durable at the next :meth:`flush`."""
+        """Hand a batch to the caches: states, event-id windows, processed offset and, if
+        published already, the changelog offset they reach (else :meth:`reached` gives it).
+        Durable at the next :meth:`flush`, which must come only after its publication."""
         started = time.perf_counter()
         for partition, states, offset in result.writes:
             self.cache(partition).put(states, offset, (changelog_offsets or {}).get(partition),
                                       result.event_ids.get(partition))
         result.store_s += time.perf_counter() - started
+
+    def reached(self, changelog_offsets: dict[int, int]) -> None:
+        """The changelog offsets a committed batch's publication reached."""
+        for partition, offset in changelog_offsets.items():
+            cache = self._caches.get(partition)
+            if cache is not None:
+                cache.reached(offset)
 
     def _apply_partition(self, partition: int, events: "_EventRows", result: BatchResult) -> StateBatch | None:
         rows = np.flatnonzero(events.partition == partition)

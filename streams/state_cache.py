@@ -12,8 +12,9 @@ Streams' caching stores work the same way (``commit.interval.ms``,
 ``statestore.cache.max.bytes``).
 
 Why it is safe (design/pipeline.md): the input offsets are committed only after a flush,
-and states enter the cache only once published. A crash loses what was cached since the
-last flush; its records come again from the committed offset, to a store as it was at
+and a flush comes only after every state put before it is published (streams/consumer.py
+waits for the publication in flight, and drops the caches if it failed). A crash loses what
+was cached since the last flush; its records come again from the committed offset, to a store as it was at
 that flush (the states topic, restored first, is never behind it), and per-user applied
 offsets make every event count once.
 """
@@ -93,6 +94,11 @@ class StateCache:
             self._processed = processed_offset
         if changelog_offset is not None:
             self._changelog = changelog_offset
+        self._unflushed = True
+
+    def reached(self, changelog_offset: int) -> None:
+        """The changelog offset that the states put so far reach, once published."""
+        self._changelog = max(changelog_offset, self._changelog if self._changelog is not None else -1)
         self._unflushed = True
 
     def flush(self) -> int | None:
