@@ -145,6 +145,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
         self._consumer: AIOKafkaConsumer | None = None
         self._publisher: Publisher | None = None
+        self._processing: asyncio.Future | None = None  # the last batch's processing thread
         self._in_flight: asyncio.Future | None = None  # the last batch's publication
         self._failed: Exception | None = None  # why a publication failed: the worker must stop
 
@@ -288,7 +289,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         started = time.perf_counter()
         # In a thread: the event loop meanwhile sends the previous batch's states and takes
         # Kafka's acknowledgements (and heartbeats), on the core the processing leaves free.
-        result = await asyncio.to_thread(self.processor.process, records)
+        self._processing = asyncio.ensure_future(asyncio.to_thread(self.processor.process, records))
+        result = await asyncio.shield(self._processing)  # cancelled, the thread still finishes: _settle waits
         processed = time.perf_counter()
         await self._settle()
         # Into the caches before publication, so that the next batch folds on top of these
@@ -317,6 +319,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         does not have: they are dropped unwritten, and this raises now and at every later
         call, so that the worker stops instead of consuming on (the records since the last
         flush come again, to whoever owns their partitions next)."""
+        if self._processing is not None and not self._processing.done():
+            await asyncio.wait([self._processing])  # a cancelled batch's thread: it touches the caches
         if self._failed is not None:
             raise RuntimeError("a publication failed: this worker stops; the records since its last "
                                "flush will be redelivered") from self._failed

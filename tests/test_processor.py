@@ -213,3 +213,17 @@ def test_repeated_ids_match_a_per_user_window_of_accepted_ids(tmp_path_factory, 
                 accepted.setdefault(user, []).append(item)
     proc.close()
     assert sorted(repeats) == expected
+
+
+def test_a_key_shared_across_users_is_not_a_repeat():
+    """_in_windows folds (user, fingerprint) into one 64-bit key; a fingerprint of user 1
+    whose key equals one of user 0's stored keys must still be judged against user 1's own
+    window."""
+    from vql.streams.processor import _USER_MIX, _in_windows
+
+    mine = np.uint64(12345)
+    colliding = mine + _USER_MIX  # user 0's key for this id equals user 1's key for ``mine``
+    windows = [np.array([colliding, 7], np.uint64), np.array([99], np.uint64)]
+    who, fingerprints = np.array([1, 1, 0]), np.array([mine, 99, 7], np.uint64)
+    assert _in_windows(windows, who, fingerprints).tolist() == [False, True, True]
+    assert _in_windows([np.empty(0, np.uint64)] * 2, who, fingerprints).tolist() == [False] * 3
