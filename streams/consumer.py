@@ -166,7 +166,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._consumer.subscribe([s.behaviors_topic], listener=self)
 
     async def on_stop(self) -> None:
-        # Let the batch in flight finish (publish, cache), then write and commit everything.
+        # Let the batch in progress finish and its publication be acknowledged (_settle), then
+        # write and commit everything.
         async with self._lock:
             try:
                 if self._consumer is not None:

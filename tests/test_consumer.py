@@ -5,6 +5,7 @@ it has, and nothing at all if it failed (streams/consumer.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from aiokafka.errors import KafkaConnectionError
@@ -45,3 +46,13 @@ def test_the_changelog_offset_comes_with_the_acknowledgement(processor):  # noqa
     processor.reached({0: 40})  # acknowledgements never move it back
     assert processor.flush() == {0: 0}
     assert processor.store(0).changelog_offset() == 41
+
+
+def test_a_cancelled_batchs_thread_is_waited_for_before_the_caches_are_touched(processor):  # noqa: F811
+    async def scenario() -> bool:
+        consumer = _consumer(processor)
+        consumer._processing = asyncio.ensure_future(asyncio.to_thread(time.sleep, 0.3))  # as _apply starts it
+        await consumer._settle()
+        return consumer._processing.done()
+
+    assert asyncio.run(scenario())
