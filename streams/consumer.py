@@ -14,10 +14,12 @@ Order of work per micro-batch, what makes at-least-once delivery safe (design/pi
    (streams/state_cache.py), so that the next batch folds on top of them;
 4. publish the changed states (co-partitioned, as whole producer batches) and the dead
    letters, without waiting: the acknowledgements bring the changelog offsets to the caches;
-5. every ``commit_interval_s`` (and before partitions leave, and on shutdown): wait for the
-   publication in flight, write what the caches hold in one RocksDB WriteBatch a
-   partition, then commit the input offsets. A failed publication stops the worker before
-   any of this: the caches then hold states Kafka lacks, and are never written.
+5. every ``commit_interval_s`` for each partition, one partition at a time and spread over
+   the interval (and all of them before partitions leave, on shutdown and when the caches
+   outgrow their budget): wait for the publication in flight, write what the partition's
+   cache holds in one RocksDB WriteBatch, then commit its input offset. A failed
+   publication stops the worker before any of this: the caches then hold states Kafka
+   lacks, and are never written.
 
 A crash anywhere redelivers what came after the last flush; per-user applied offsets make
 the second application a no-op. A partition assigned to this worker is first brought up to date from its
@@ -35,12 +37,10 @@ import time
 from collections.abc import Callable
 
 import mode
-import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from vql.schemas.user_state import StateBatch, encode_states
 from vql.streams.changelog import restore_partition
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.settings import Settings
@@ -91,10 +91,10 @@ class Publisher:
         last offset the states reached in the states topic (the changelog offset)."""
         deliveries: list[tuple[int, int, asyncio.Future]] = []
         timestamp_ms = int(time.time() * 1000)
-        for partition, states, _offset in result.writes:
+        for (partition, states, _offset), values in zip(result.writes, result.encode_wire()):
             if states is None:
                 continue
-            for count, batch in self._batches(states, timestamp_ms):
+            for count, batch in self._batches(states.user_ids, values, timestamp_ms):
                 future = await self.producer.send_batch(batch, self.settings.states_topic, partition=partition)
                 deliveries.append((partition, count, future))
         letters = []
@@ -108,10 +108,10 @@ class Publisher:
         await asyncio.gather(*letters)
         return reached
 
-    def _batches(self, states: StateBatch, timestamp_ms: int):
+    def _batches(self, user_ids: list[str], values: list[bytes], timestamp_ms: int):
         """Producer batches of encoded states, each as large as the producer allows."""
         batch, count = self.producer.create_batch(), 0
-        for key, value in zip(states.user_ids, encode_states(states, np.float32)):
+        for key, value in zip(user_ids, values):
             key = key.encode()
             if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
                 yield count, batch
@@ -139,7 +139,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self.processor = processor
         self.on_batch = on_batch
         self.on_flush = on_flush
-        self._flushed_at = time.monotonic()
+        self._flushed_at: dict[int, float] = {}  # partition -> when its cache was last written
+        self._last_flush = time.monotonic()  # of any partition
         self.status = "starting"  # starting -> ready; recovering while partitions move
         self._lock = asyncio.Lock()  # held for a whole batch, and by rebalance callbacks
         self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
@@ -254,10 +255,25 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                     return  # not committed: the next owner gets these records again
                 if fetched:
                     await self._apply(fetched)
-                if self.processor.needs_flush() or (
-                        time.monotonic() - self._flushed_at >= self.settings.commit_interval_s
-                        and self.processor.unflushed()):
+                if self.processor.needs_flush():
                     await self._flush_and_commit()
+                elif due := self._due_partitions():
+                    await self._flush_and_commit(due)
+
+    def _due_partitions(self) -> list[int]:
+        """The partitions to write now: each unwritten one every ``commit_interval_s``, but
+        one at a time, at least ``commit_interval_s / partitions owned`` apart. Why: a flush
+        stops the loop (the RocksDB write holds the GIL), and writing every partition at once
+        stopped it for 400-850 ms every interval, the worst of the freshness tail
+        (docs/performance.md); a partition at a time makes it several short pauses. With an
+        interval of 0, every partition after every batch."""
+        now, interval = time.monotonic(), self.settings.commit_interval_s
+        due = [p for p in self.processor.unflushed() if now - self._flushed_at.setdefault(p, now) >= interval]
+        if not due or interval == 0:
+            return due
+        if now - self._last_flush < interval / max(1, len(self._consumer.assignment())):
+            return []
+        return [min(due, key=self._flushed_at.__getitem__)]
 
     async def _flush_and_commit(self, partitions: list[int] | None = None) -> None:
         """Write the caches of ``partitions`` (default: all) to RocksDB, then commit the
@@ -266,8 +282,9 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         started = time.perf_counter()
         durable = self.processor.flush(partitions)
         flushed = time.perf_counter()
-        if partitions is None:
-            self._flushed_at = time.monotonic()
+        self._last_flush = time.monotonic()
+        for partition in durable if partitions is None else partitions:
+            self._flushed_at[partition] = self._last_flush
         offsets = {TopicPartition(self.settings.behaviors_topic, p): o + 1 for p, o in durable.items()}
         if offsets:
             try:
@@ -277,7 +294,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                 # whose applied offsets make them no-ops. Nothing is lost.
                 log.warning("offset commit failed, the records since will be redelivered: %s", exc)
         self.on_flush(flushed - started)
-        log.debug("flush: %d partitions written in %.0f ms, committed in %.0f ms", len(durable),
+        log.info("flush: %d partitions written in %.0f ms, committed in %.0f ms", len(durable),
                   (flushed - started) * 1e3, (time.perf_counter() - flushed) * 1e3)
 
     async def _apply(self, fetched: dict) -> None:

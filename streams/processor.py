@@ -25,7 +25,7 @@ from vql.model.features import BehaviorColumns
 from vql.model.state import fold_events
 from vql.schemas.batch_decode import decode_batch
 from vql.schemas.decode import EventPolicy, Reason, Rejection
-from vql.schemas.user_state import StateBatch, UserState, full_state_bytes
+from vql.schemas.user_state import StateBatch, UserState, encode_states, full_state_bytes
 from vql.streams.state_cache import StateCache
 from vql.streams.state_store import PartitionStore, partition_store_path
 
@@ -73,6 +73,15 @@ class BatchResult:
     encode_s: float = 0.0
     store_s: float = 0.0
     code_counts: np.ndarray | None = None  # (G, K) codes assigned in this batch
+    wire: list[list[bytes]] | None = None  # per write, its states as the states topic carries them
+
+    def encode_wire(self) -> list[list[bytes]]:
+        """Each write's states in the states topic's float32 encoding, encoded once. The
+        worker calls this in its processing thread, so that the event loop, which is busy
+        fetching and framing the previous batch's records, only frames these."""
+        if self.wire is None:
+            self.wire = [[] if states is None else encode_states(states, np.float32) for _p, states, _o in self.writes]
+        return self.wire
 
     @property
     def state_count(self) -> int:
@@ -164,9 +173,10 @@ class BatchProcessor:
         """Whether a cache has outgrown its share of the budget."""
         return any(cache.over_capacity for cache in self._caches.values())
 
-    def unflushed(self) -> bool:
-        """Whether a cache holds batches not yet written (an idle worker still flushes them)."""
-        return any(cache.unflushed for cache in self._caches.values())
+    def unflushed(self) -> list[int]:
+        """The partitions whose caches hold batches not yet written (an idle worker still
+        flushes them)."""
+        return [partition for partition, cache in self._caches.items() if cache.unflushed]
 
     def release(self, partitions: Sequence[int]) -> None:
         """Flush and close the stores of partitions this worker no longer owns."""
@@ -229,6 +239,7 @@ class BatchProcessor:
         for partition, offset in zip(partitions.tolist(), reached.tolist()):
             changed = self._apply_partition(partition, events, result)
             result.writes.append((partition, changed, offset))
+        result.encode_wire()
         result.store_s = time.perf_counter() - started
         return result
 

@@ -49,8 +49,9 @@ class Settings(BaseSettings):
     batch_window_s: float = Field(0.2, gt=0, description="longest wait to fill a micro-batch")
     commit_interval_s: float = Field(
         5.0, ge=0,
-        description="how often cached states are written to RocksDB and input offsets committed: at most "
-                    "this much work is redone after a crash (0: after every micro-batch)",
+        description="how often each partition's cached states are written to RocksDB and its input offset "
+                    "committed, one partition at a time: at most this much work is redone after a crash "
+                    "(0: every partition after every micro-batch)",
     )
     state_cache_mb: int = Field(
         512, ge=0,
