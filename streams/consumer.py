@@ -264,7 +264,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         """The partitions to write now: each unwritten one every ``commit_interval_s``, but
         one at a time, at least ``commit_interval_s / partitions owned`` apart. Why: a flush
         stops the loop (the RocksDB write holds the GIL), and writing every partition at once
-        stopped it for 400-850 ms every interval, the worst of the freshness tail
+        stopped it for 160-850 ms every interval, the worst of the freshness tail
         (docs/performance.md); a partition at a time makes it several short pauses. With an
         interval of 0, every partition after every batch."""
         now, interval = time.monotonic(), self.settings.commit_interval_s
