@@ -14,12 +14,17 @@ would, and, being resumable, a rerun continues from what every job had written.
 from __future__ import annotations
 
 import gc
+import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
+
+from vql.streams.state_store import rocksdb_started
+
+log = logging.getLogger(__name__)
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -36,6 +41,36 @@ def default_jobs() -> int:
     if sys.platform != "linux":
         return 1
     return len(os.sched_getaffinity(0))
+
+
+def safe_jobs(requested: int) -> int:
+    """``requested``, or 1 where forking would be unsafe: off Linux, and in a process that
+    has already opened a RocksDB store (``rocksdb_started``), which its children would
+    inherit without RocksDB's threads. `vql replay` opens none before its jobs start."""
+    if requested > 1 and (sys.platform != "linux" or rocksdb_started()):
+        log.warning("replaying in one process, not %d: this process has opened RocksDB stores (or is not on "
+                    "Linux), and forked jobs would inherit them without RocksDB's threads", requested)
+        return 1
+    return requested
+
+
+def deal(sizes: dict[int, int], jobs: int) -> list[list[int]]:
+    """Partitions (their sizes: rows or records to replay) dealt to at most ``jobs`` jobs,
+    largest first to the job with the least so far; never a job without work, but one job
+    when there is none at all."""
+    work: list[list[int]] = [[] for _ in range(max(1, min(jobs, sum(1 for n in sizes.values() if n))))]
+    load = [0] * len(work)
+    for partition, size in sorted(sizes.items(), key=lambda ps: -ps[1]):
+        lightest = load.index(min(load))
+        work[lightest].append(partition)
+        load[lightest] += size
+    return work
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of the jobs it has waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def run_jobs(

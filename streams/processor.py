@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -168,6 +168,14 @@ class BatchProcessor:
             if offset is not None:
                 durable[partition] = offset
         return durable
+
+    def unpublished(self, limit: int) -> Iterator[BatchResult]:
+        """What the next :meth:`flush` will write, as batches of at most ``limit`` states to
+        publish first (their changelog offsets then go to :meth:`reached`): for a replay,
+        which coalesces its publications per flush where the worker publishes every batch."""
+        for partition, cache in self._caches.items():
+            for states in cache.unflushed_states(limit):
+                yield BatchResult(writes=[(partition, states, cache.processed_offset())])
 
     def needs_flush(self) -> bool:
         """Whether a cache has outgrown its share of the budget."""

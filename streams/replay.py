@@ -1,15 +1,17 @@
 """`vql replay` from a topic: rebuild user states from the event log with the worker's own code.
 
 A replay drives the worker's :class:`BatchProcessor` (decode, duplicate checks, encode,
-state math, one WriteBatch per partition) and :class:`Publisher` over the topic, with much
-larger batches and no consumer group, so its states are the live worker's by construction.
+state math, one WriteBatch per partition) and :class:`Publisher` over the topic, with larger
+batches and no consumer group, so its states are the live worker's by construction; its
+partitions are dealt to forked jobs (streams/jobs.py), one per core.
 It writes the store layout a worker uses (``data_dir/stores/<model version>/<topic>-<p>``),
 with processed offsets and, when it publishes, changelog offsets, so a worker started on
 that data dir and states topic continues where the replay stopped; with ``group`` it also
 commits that consumer group's offsets, so the worker does not even re-read the topic.
 
-Resumable: each batch is published, then written with the partition's processed offset;
-a rerun starts every partition after its processed offset, exactly as a restarted worker.
+Resumable: every flush publishes the users changed since, then writes them with the
+partition's processed offset (:class:`StateSink`); a rerun starts every partition after its
+processed offset, exactly as a restarted worker.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 from vql.model.encoder import VQLModel
 from vql.streams.consumer import Publisher
+from vql.streams.jobs import cpu_seconds, deal, default_jobs, run_jobs, safe_jobs
 from vql.streams.processor import BatchProcessor, BatchResult, Record
 from vql.streams.settings import Settings
 from vql.streams.topics import admin, ensure_topics
@@ -123,28 +126,43 @@ class ReplayReport:
 
 
 class StateSink:
-    """Where a replay's batches go: published first (when a states topic is set), then
-    handed to the stores' caches with the changelog offsets they reached, which are written
-    every ``interval_s`` or when they outgrow their budget: the worker's order."""
+    """Where a replay's batches go: into the stores' write-behind caches; every ``interval_s``
+    (or when the caches outgrow their budget) each user changed since is published once,
+    and then the caches are written with the changelog offsets that publication reached.
+    The worker's order (states topic first, then RocksDB, then the input offsets), but
+    coalesced, as design/pipeline.md has it: the worker publishes every batch because
+    rankers wait for it, while nobody waits for a replay's intermediate states, and
+    publishing them cost a topic replay more than its processing (docs/performance.md)."""
+
+    PUBLISH_STATES = 4096  # states encoded and published at a time by a flush (~110 MB in float64)
 
     def __init__(self, processor: BatchProcessor, publisher: Publisher | None, interval_s: float) -> None:
         self.processor = processor
         self.publisher = publisher
         self.interval_s = interval_s
         self._flushed_at = time.monotonic()
+        self._letters: list = []  # dead letters since the last flush, published with its states
 
     async def put(self, result: BatchResult, report: ReplayReport) -> dict[int, int]:
-        """Publish and cache a batch; returns the processed offsets a flush made durable
-        (empty when none was due): what a resumable replay may commit."""
-        changelog = await self.publisher.publish(result) if self.publisher else None
-        self.processor.commit(result, changelog)
+        """Cache a batch; returns the processed offsets a flush made durable (empty when none
+        was due): what a resumable replay may commit."""
+        self.processor.commit(result)
         if self.publisher:
-            report.states_published += result.state_count
+            self._letters.extend(result.dead_letters)
         if self.processor.needs_flush() or time.monotonic() - self._flushed_at >= self.interval_s:
-            return self.flush()
+            return await self.flush(report)
         return {}
 
-    def flush(self) -> dict[int, int]:
+    async def flush(self, report: ReplayReport) -> dict[int, int]:
+        """Publish what the caches hold unwritten (with ``publisher``), then write it."""
+        if self.publisher:
+            letters, self._letters = self._letters, []
+            for pending in self.processor.unpublished(self.PUBLISH_STATES):
+                pending.dead_letters, letters = letters, []
+                self.processor.reached(await self.publisher.publish(pending))
+                report.states_published += pending.state_count
+            if letters:  # dead letters, and no state changed since the last flush
+                await self.publisher.publish(BatchResult(dead_letters=letters))
         self._flushed_at = time.monotonic()
         return self.processor.flush()
 
@@ -159,7 +177,12 @@ async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool
     return StateSink(processor, await Publisher.start(settings), settings.commit_interval_s)
 
 
-async def close_sink(sink: StateSink) -> None:
+async def close_sink(sink: StateSink, failed: bool = False) -> None:
+    """Stop the sink's producer. After a failure, the caches' unpublished states are dropped
+    first, so that closing the stores does not write states the states topic lacks (a rerun
+    folds their records again, from the last flush)."""
+    if failed and sink.publisher:
+        sink.processor.discard()
     if sink.publisher:
         await sink.publisher.producer.stop()
 
@@ -183,16 +206,16 @@ async def replay_topic(
     settings: Settings,
     model: VQLModel,
     version: str,
-    span: TopicRange = TopicRange(),
+    ranges: dict[int, tuple[int, int]],
     publish: bool = True,
     group: str | None = None,
     batch_size: int = 32_768,
-    progress: bool = True,
+    tick: Callable[[int], None] = lambda records: None,
 ) -> ReplayReport:
-    """Replay ``settings.behaviors_topic`` (the range ``span``) with ``model`` into the stores
-    under ``settings.data_dir`` and, with ``publish``, into ``settings.states_topic``."""
-    started, cpu_started = time.perf_counter(), time.process_time()
-    settings = settings.model_copy(update={"partitions": partition_count(settings, settings.behaviors_topic)})
+    """Replay ``ranges`` (partition -> [start, end) offsets) of ``settings.behaviors_topic``
+    with ``model`` into the stores under ``settings.data_dir`` and, with ``publish``, into
+    ``settings.states_topic``: one job's work. Each partition starts after what its store
+    holds already (a resumed replay); ``tick`` counts records done, skipped ones included."""
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic,
                                settings.event_policy(), event_id_window=settings.event_id_window,
                                cache_bytes=settings.state_cache_mb << 20)
@@ -201,30 +224,32 @@ async def replay_topic(
                                 fetch_max_bytes=128 * 1024 * 1024, fetch_max_wait_ms=100)
     await consumer.start()
     sink = await open_sink(settings, processor, publish)
-    report = ReplayReport()
+    report, failed = ReplayReport(), True
     try:
-        bounds = await _bounds(consumer, processor, settings, span)
-        todo = {tp: (start, end) for tp, (start, end) in bounds.items() if start < end}
-        consumer.assign(list(bounds))
+        todo = {}
+        for partition, (start, end) in ranges.items():
+            done = processor.store(partition).processed_offset()
+            resumed = start if done is None else min(end, max(start, done + 1))
+            tick(resumed - start)
+            if resumed < end:
+                todo[TopicPartition(settings.behaviors_topic, partition)] = (resumed, end)
+        consumer.assign(list(todo))
         for tp, (start, _end) in todo.items():
             consumer.seek(tp, start)
-        with tqdm(total=sum(end - start for start, end in todo.values()), unit="ev", unit_scale=True,
-                  desc=f"replay {settings.behaviors_topic}", disable=not progress) as bar:
-            while todo:
-                records = await _next_batch(consumer, todo, batch_size)
-                if not records:
-                    continue
-                result = processor.process(records)
-                await _commit(consumer, settings, group, await sink.put(result, report))
-                report.add(result, len(records))
-                bar.update(len(records))
-            await _commit(consumer, settings, group, sink.flush())
+        while todo:
+            records = await _next_batch(consumer, todo, batch_size)
+            if not records:
+                continue
+            result = processor.process(records)
+            await _commit(consumer, settings, group, await sink.put(result, report))
+            report.add(result, len(records))
+            tick(len(records))
+        await _commit(consumer, settings, group, await sink.flush(report))
+        failed = False
     finally:
-        await close_sink(sink)
+        await close_sink(sink, failed)
         await consumer.stop()
         processor.close()
-    report.seconds = time.perf_counter() - started
-    report.cpu_seconds = time.process_time() - cpu_started
     return report
 
 
@@ -236,31 +261,34 @@ async def _commit(consumer: AIOKafkaConsumer, settings: Settings, group: str | N
                                for p, o in durable.items()})
 
 
-async def _bounds(consumer: AIOKafkaConsumer, processor: BatchProcessor, settings: Settings,
-                  span: TopicRange) -> dict[TopicPartition, tuple[int, int]]:
-    """Per partition, [start, end): the requested range, clipped to the topic, after what
-    the store already holds (a resumed replay), ending at the head as of now."""
+async def topic_ranges(settings: Settings, span: TopicRange) -> dict[int, tuple[int, int]]:
+    """Per partition, [start, end): the requested range clipped to the topic, ending at the
+    head as of now. What the stores already hold is each job's to skip (:func:`replay_topic`)."""
     topic = settings.behaviors_topic
-    available = sorted(consumer.partitions_for_topic(topic) or range(settings.partitions))
-    chosen = list(span.partitions) if span.partitions is not None else available
-    unknown = sorted(set(chosen) - set(available))
-    if unknown:
-        raise ReplayError(f"topic {topic} has partitions {available[0]}..{available[-1]}, not {unknown}")
-    tps = [TopicPartition(topic, p) for p in chosen]
-    begin, head = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
-    by_time = {}
-    for name, when in (("from", span.from_time_ms), ("to", span.to_time_ms)):
-        if when is not None:
-            found = await consumer.offsets_for_times({tp: when for tp in tps})
-            by_time[name] = {tp: head[tp] if hit is None else hit.offset for tp, hit in found.items()}
-    bounds = {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        available = sorted(consumer.partitions_for_topic(topic) or range(settings.partitions))
+        chosen = list(span.partitions) if span.partitions is not None else available
+        unknown = sorted(set(chosen) - set(available))
+        if unknown:
+            raise ReplayError(f"topic {topic} has partitions {available[0]}..{available[-1]}, not {unknown}")
+        tps = [TopicPartition(topic, p) for p in chosen]
+        begin, head = await consumer.beginning_offsets(tps), await consumer.end_offsets(tps)
+        by_time = {}
+        for name, when in (("from", span.from_time_ms), ("to", span.to_time_ms)):
+            if when is not None:
+                found = await consumer.offsets_for_times({tp: when for tp in tps})
+                by_time[name] = {tp: head[tp] if hit is None else hit.offset for tp, hit in found.items()}
+    finally:
+        await consumer.stop()
+    ranges = {}
     for tp in tps:
         start = max(begin[tp], span.from_offset or 0, by_time.get("from", {}).get(tp, 0))
         end = min(head[tp], span.to_offset if span.to_offset is not None else head[tp],
                   by_time.get("to", {}).get(tp, head[tp]))
-        done = processor.store(tp.partition).processed_offset()
-        bounds[tp] = (start if done is None else max(start, done + 1), end)
-    return bounds
+        ranges[tp.partition] = (start, max(start, end))
+    return ranges
 
 
 async def _next_batch(consumer: AIOKafkaConsumer, todo: dict[TopicPartition, tuple[int, int]],
@@ -281,8 +309,47 @@ async def _next_batch(consumer: AIOKafkaConsumer, todo: dict[TopicPartition, tup
     return records
 
 
-def run_replay_topic(settings: Settings, model: VQLModel, version: str, **options) -> ReplayReport:
-    """:func:`replay_topic` from synchronous code (the CLI, tests, the bench)."""
-    with torch_threads(), arrow_system_pool():
-        return asyncio.run(replay_topic(settings, model, version, **options))
+def run_replay_topic(
+    settings: Settings,
+    model: VQLModel,
+    version: str,
+    span: TopicRange = TopicRange(),
+    jobs: int | None = None,
+    progress: bool = True,
+    **options,
+) -> ReplayReport:
+    """Replay ``span`` of ``settings.behaviors_topic`` (options: those of :func:`replay_topic`),
+    its partitions dealt to ``jobs`` forked processes (default ``settings.replay_jobs``, or
+    one per core; streams/jobs.py), each with its own consumer, stores and producer: the
+    worker's per-record path takes a core per ~50,000 records/s, so one process cannot use
+    a second core."""
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    settings = settings.model_copy(update={"partitions": partition_count(settings, settings.behaviors_topic)})
+    ranges = asyncio.run(topic_ranges(settings, span))
+    work = deal({p: end - start for p, (start, end) in ranges.items()},
+                safe_jobs(jobs or settings.replay_jobs or default_jobs()))
+    if options.get("publish", True) and len(work) > 1:
+        ensure_topics(settings)  # once, before the jobs' producers race to create them
 
+    def job(partitions: list[int], tick: Callable[[int], None]) -> ReplayReport:
+        return asyncio.run(replay_topic(settings, model, version, {p: ranges[p] for p in partitions}, tick=tick,
+                                        **options))
+
+    with arrow_system_pool():
+        return run_replay_jobs(work, job, sum(end - start for start, end in ranges.values()),
+                               f"replay {settings.behaviors_topic}", progress, ReplayReport(), (started, cpu_started))
+
+
+def run_replay_jobs(work: list[list[int]], job: Callable[[list[int], Callable[[int], None]], ReplayReport],
+                    total: int, desc: str, progress: bool, report: ReplayReport,
+                    started: tuple[float, float]) -> ReplayReport:
+    """``job`` over each share of partitions in ``work`` (streams/jobs.py), under one progress
+    bar of ``total`` units, each on one torch thread; what the jobs did is added to
+    ``report``, which also gets the jobs and the wall-clock and CPU seconds since ``started``."""
+    with torch_threads(), tqdm(total=total, unit="ev", unit_scale=True, desc=desc, disable=not progress) as bar:
+        for part in run_jobs(work, job, bar.update):
+            report.merge(part)
+    report.jobs = len(work)
+    report.seconds = time.perf_counter() - started[0]
+    report.cpu_seconds = cpu_seconds() - started[1]
+    return report

@@ -43,7 +43,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     cmd.add_argument("--partitions", type=int, help="--files without partition columns: partitions of the "
                      "store layout (default: $VQL_PARTITIONS)")
     cmd.add_argument("--batch-size", type=int, default=32_768, help="topic replay: records per batch")
-    cmd.add_argument("--jobs", type=_positive, help="--files: processes that fold the partitions (default: "
+    cmd.add_argument("--jobs", type=_positive, help="processes the partitions are dealt to (default: "
                      "$VQL_REPLAY_JOBS, or one per CPU core)")
     cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     cmd.set_defaults(handler=replay)
@@ -126,8 +126,8 @@ def _replay(args: argparse.Namespace, settings: Settings):
                                 progress=not args.no_progress, jobs=args.jobs)
     span = TopicRange(tuple(args.partition) if args.partition else None, args.from_offset, args.to_offset,
                       args.from_time, args.to_time)
-    return run_replay_topic(settings, model, version, span=span, publish=bool(args.publish), group=args.group,
-                            batch_size=args.batch_size, progress=not args.no_progress)
+    return run_replay_topic(settings, model, version, span=span, jobs=args.jobs, publish=bool(args.publish),
+                            group=args.group, batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def export(args: argparse.Namespace, settings: Settings) -> int:

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +31,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from kafka.partitioner.default import murmur2
-from tqdm import tqdm
 
 from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns, hash_buckets
@@ -42,17 +38,21 @@ from vql.model.state import fold_events
 from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
 from vql.schemas.decode import Reason
 from vql.schemas.events import Action, Modality
-from vql.streams.jobs import default_jobs, run_jobs
+from vql.streams.jobs import cpu_seconds, deal, default_jobs, safe_jobs
 from vql.streams.processor import BatchProcessor, BatchResult
-from vql.streams.replay import ReplayReport, arrow_system_pool, close_sink, open_sink, torch_threads
+from vql.streams.replay import (
+    ReplayReport,
+    arrow_system_pool,
+    close_sink,
+    open_sink,
+    run_replay_jobs,
+    torch_threads,
+)
 from vql.streams.settings import Settings
-from vql.streams.state_store import rocksdb_started
 from vql.streams.topics import ensure_topics
 
 USERS_PER_CHUNK = 512  # users folded together: ~13 MB of float64 states, memory each chunk reuses
 ENCODE_BATCH = 8192  # rows per encode call: the encoder's sweet spot on CPU (docs/performance.md)
-
-log = logging.getLogger(__name__)
 
 
 def read_events(paths: Sequence[Path]) -> pa.Table:
@@ -164,43 +164,20 @@ def run_replay_files(
     topic ``settings.behaviors_topic``, ``settings.partitions`` partitions unless the files
     say) and, with ``publish``, into ``settings.states_topic``. The partitions are folded by
     ``jobs`` processes (default ``settings.replay_jobs``; streams/jobs.py)."""
-    started, cpu_started = time.perf_counter(), _cpu_seconds()
-    jobs = _jobs(jobs or settings.replay_jobs or default_jobs())
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    jobs = safe_jobs(jobs or settings.replay_jobs or default_jobs())
     with arrow_system_pool():
         with torch_threads(jobs):  # the encoder has the cores to itself until the jobs start
             report, events, settings = _prepare(paths, settings, model, now_ms)
-        work = _share(events, jobs)
+        work = deal(events.sizes, jobs)
         if publish and len(work) > 1:
             ensure_topics(settings)  # once, before the jobs' producers race to create them
 
         def job(partitions: list[int], tick) -> ReplayReport:
             return asyncio.run(_fold_partitions(partitions, events, settings, model, version, publish, tick))
 
-        with torch_threads(), tqdm(total=int(events.owner.size), unit="ev", unit_scale=True, desc="replay files",
-                                   disable=not progress) as bar:
-            for part in run_jobs(work, job, bar.update):
-                report.merge(part)
-    report.jobs = len(work)
-    report.seconds = time.perf_counter() - started
-    report.cpu_seconds = _cpu_seconds() - cpu_started
-    return report
-
-
-def _jobs(requested: int) -> int:
-    """``requested``, or 1 where forking would be unsafe: off Linux, and in a process that
-    has already opened a RocksDB store (``rocksdb_started``), which its children would
-    inherit without RocksDB's threads. `vql replay` opens none before the jobs start."""
-    if requested > 1 and (sys.platform != "linux" or rocksdb_started()):
-        log.warning("replaying in one process, not %d: this process has opened RocksDB stores (or is not on "
-                    "Linux), and forked jobs would inherit them without RocksDB's threads", requested)
-        return 1
-    return requested
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and of the jobs it has waited for."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
+        return run_replay_jobs(work, job, int(events.owner.size), "replay files", progress, report,
+                               (started, cpu_started))
 
 
 def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
@@ -237,18 +214,6 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
     return report, events, settings.model_copy(update={"partitions": partitions})
 
 
-def _share(events: _Events, jobs: int) -> list[list[int]]:
-    """The partitions with events, dealt to at most ``jobs`` jobs, largest first to the job
-    with the fewest rows so far."""
-    work: list[list[int]] = [[] for _ in range(max(1, min(jobs, len(events.sizes))))]
-    load = [0] * len(work)
-    for p, size in sorted(events.sizes.items(), key=lambda ps: -ps[1]):
-        lightest = load.index(min(load))
-        work[lightest].append(p)
-        load[lightest] += size
-    return work
-
-
 async def _fold_partitions(partitions: list[int], events: _Events, settings: Settings, model: VQLModel,
                            version: str, publish: bool, tick) -> ReplayReport:
     """Fold the partitions' events, USERS_PER_CHUNK users at a time, each chunk published (with
@@ -258,6 +223,7 @@ async def _fold_partitions(partitions: list[int], events: _Events, settings: Set
     # next one reuses).
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic, settings.event_policy())
     sink = await open_sink(settings, processor, publish)
+    failed = True
     try:
         for p in partitions:
             rows = events.rows(p)
@@ -272,8 +238,9 @@ async def _fold_partitions(partitions: list[int], events: _Events, settings: Set
                 await sink.put(result, report)
                 report.add(result, 0)  # rows were counted when read
                 tick(chunk.size)
+        failed = False
     finally:
-        await close_sink(sink)
+        await close_sink(sink, failed)
         processor.close()
     return report
 

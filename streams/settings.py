@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads for encoding on the CPU")
     replay_jobs: int = Field(
         0, ge=0,
-        description="processes a file replay folds its partitions in (0: one per CPU core on Linux, else 1)",
+        description="processes a replay deals its partitions to (0: one per CPU core on Linux, else 1)",
     )
 
     web_port: int = Field(6066, ge=0, le=65535, description="the worker's HTTP port (/metrics, /health)")

@@ -21,7 +21,7 @@ offsets make every event count once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -95,6 +95,14 @@ class StateCache:
         if changelog_offset is not None:
             self._changelog = changelog_offset
         self._unflushed = True
+
+    def unflushed_states(self, limit: int) -> Iterator[StateBatch]:
+        """The states put since the last flush (what it will write), as copies of at most
+        ``limit`` states each: a replay publishes them just before the flush, each changed
+        user once, instead of once per batch."""
+        dirty = np.flatnonzero(self._dirty)
+        for start in range(0, dirty.size, limit):
+            yield self._arena.take(dirty[start:start + limit])
 
     def reached(self, changelog_offset: int) -> None:
         """The changelog offset that the states put so far reach, once published."""

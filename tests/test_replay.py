@@ -156,7 +156,7 @@ def test_jobs_in_forked_processes_give_the_states_of_one_process(model_file, eve
 
 def test_a_process_with_rocksdb_open_replays_in_one_job_and_says_so(model_file, events_table, tmp_path, caplog):
     PartitionStore(tmp_path / "opened", model_file[2]).close()  # RocksDB's threads now run here
-    with caplog.at_level(logging.WARNING, logger="vql.streams.replay_files"):
+    with caplog.at_level(logging.WARNING, logger="vql.streams.jobs"):
         _s, report, states = replay(events_table, tmp_path, "fallback", model_file, jobs=2)
     assert report.jobs == 1 and report.applied == events_table.num_rows
     assert "replaying in one process, not 2" in caplog.text

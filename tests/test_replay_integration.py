@@ -54,6 +54,19 @@ def stored_states(settings, version: str, partitions: int) -> dict:
     return states
 
 
+def interrupted_at_call(method, call: int):
+    """``method``, but its ``call``-th call raises KeyboardInterrupt (Ctrl-C) instead."""
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt("interrupted")
+        return method(*args, **kwargs)
+
+    return interrupted
+
+
 @pytest.fixture
 def pipeline(kafka_bootstrap, tmp_path):
     pipeline = Pipeline.create(kafka_bootstrap, tmp_path)
@@ -79,6 +92,18 @@ def test_topic_replay_equals_the_live_worker_and_so_does_the_exported_file(pipel
     result = compare(pipeline.settings, replayed, live)
     assert result.ok and result.users_compared == len(live), result.summary()
     assert {u: s.applied_offset for u, s in replayed.items()} == {u: s.applied_offset for u, s in live.items()}
+    # The partitions dealt to 2 forked jobs: `vql replay` in a process of its own (this one has
+    # opened RocksDB stores, so it would replay in one job).
+    dealt = target.model_copy(update={"data_dir": tmp_path / "dealt", "states_topic": target.states_topic + ".dealt"})
+    out_text = subprocess.run(
+        [sys.executable, "-m", "vql.streams.cli", "replay", "--topic", dealt.behaviors_topic, "--model",
+         str(dealt.model_path), "--data-dir", str(dealt.data_dir), "--publish", dealt.states_topic, "--jobs", "2",
+         "--batch-size", "5000", "--no-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "VQL_KAFKA_BOOTSTRAP": dealt.kafka_bootstrap})
+    assert out_text.returncode == 0, out_text.stderr
+    assert ", 2 jobs)" in out_text.stdout and f"{total:,} events" in out_text.stdout
+    result = compare(pipeline.settings, Pipeline(dealt).published(), live)
+    assert result.ok and result.users_compared == len(live), result.summary()
 
     # Export -> Parquet -> columnar replay: the same states, in the same store layout.
     out = tmp_path / "events.parquet"
@@ -122,20 +147,19 @@ def test_an_interrupted_topic_replay_resumes_to_the_same_states(pipeline, tmp_pa
     whole = pipeline.settings.model_copy(update={"data_dir": tmp_path / "whole"})
     run_replay_topic(whole, model, version, publish=False, batch_size=700, progress=False)
 
-    crashing = pipeline.settings.model_copy(update={"data_dir": tmp_path / "resumed"})
-    commit, calls = BatchProcessor.commit, []
-
-    def crash_on_third(self, result, changelog_offsets=None):
-        calls.append(1)
-        if len(calls) == 3:  # published, not yet written: the worst moment
-            raise KeyboardInterrupt("interrupted")
-        commit(self, result, changelog_offsets)
-
-    monkeypatch.setattr(BatchProcessor, "commit", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
+    # A flush after every batch, so that two are durable when the third flush is interrupted
+    # (published, not yet written: the worst moment).
+    crashing = pipeline.settings.model_copy(update={"data_dir": tmp_path / "resumed", "commit_interval_s": 0})
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(BatchProcessor, "flush", interrupted_at_call(BatchProcessor.flush, 3))
         run_replay_topic(crashing, model, version, publish=True, batch_size=700, progress=False)
-    monkeypatch.setattr(BatchProcessor, "commit", commit)
-    report = run_replay_topic(crashing, model, version, publish=True, batch_size=700, progress=False)
+    # Resumed with no flush due, and interrupted again while batches wait in the caches
+    # unpublished: they must not reach the stores, or the states topic would never get them.
+    coalescing = crashing.model_copy(update={"commit_interval_s": 3600})
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(BatchProcessor, "process", interrupted_at_call(BatchProcessor.process, 3))
+        run_replay_topic(coalescing, model, version, publish=True, batch_size=700, progress=False)
+    report = run_replay_topic(coalescing, model, version, publish=True, batch_size=700, progress=False)
     assert 0 < report.events_read < total  # it resumed, it did not start over
 
     expected = stored_states(whole, version, pipeline.settings.partitions)
