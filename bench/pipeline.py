@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from kafka import TopicPartition
 from kafka.partitioner.default import murmur2
 
+from vql.bench.broker_cpu import BrokerCpu
 from vql.bench.report import emit
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
@@ -76,18 +77,19 @@ def _wait_until_committed(settings: Settings, timeout_s: float, worker) -> None:
         consumer.close()
 
 
-def _publications(settings: Settings, events: int) -> list[tuple[int, int, int]]:
-    """(partition, timestamp ms, applied offset) of every state publication, in order; checks
-    that the users' latest states hold all ``events``."""
-    publications, event_counts = [], {}
+def _publications(settings: Settings, events: int) -> tuple[list[tuple[int, int, int]], int]:
+    """(partition, timestamp ms, applied offset) of every state publication, in order, and
+    the bytes of their values; checks that the users' latest states hold all ``events``."""
+    publications, event_counts, state_bytes = [], {}, 0
     for partition, _offset, _key, value, _headers, ts in read_topic(
             settings.kafka_bootstrap, settings.states_topic, with_timestamps=True):
         header = read_state_header(memoryview(value))
         publications.append((partition, ts, header.applied_offset))
         event_counts[header.user_id] = header.event_count
+        state_bytes += len(value)
     if sum(event_counts.values()) != events:
         raise RuntimeError(f"the latest states hold {sum(event_counts.values())} events, not {events}")
-    return publications
+    return publications, state_bytes
 
 
 def throughput(base: Settings, work_dir: Path, events: int, timeout_s: float) -> float:
@@ -98,7 +100,7 @@ def throughput(base: Settings, work_dir: Path, events: int, timeout_s: float) ->
         _wait_until_committed(settings, timeout_s, worker)
     finally:
         stop_worker(worker)
-    rate = sustained_rate(_publications(settings, events), events)
+    rate = sustained_rate(_publications(settings, events)[0], events)
     emit("pipeline", "events_per_s", rate, "1/s", events=events, partitions=settings.partitions,
          batch_size=settings.batch_size)
     return rate
@@ -159,21 +161,32 @@ async def _offer(settings: Settings, records: list[tuple[bytes, bytes]], rate: f
 
 
 def freshness(base: Settings, work_dir: Path, rate: float, seconds: float, timeout_s: float) -> None:
+    """Freshness p50/p99 at ``rate``; then what the states cost the broker: the megabytes of
+    states published per second of the run (load and drain), the broker's CPU meanwhile (in
+    cores, when it runs on this machine), and its CPU per megabyte of states."""
     settings = _prepare(base, work_dir, "freshness")
     records = _records(int(rate * seconds))
+    broker = BrokerCpu.find(settings.kafka_bootstrap)
     worker = start_worker(settings, work_dir / "freshness-worker.log")
     try:
         time.sleep(15.0)  # let the worker join its group before the clock starts
+        started, broker_started = time.monotonic(), broker.cpu_seconds() if broker else 0.0
         asyncio.run(_offer(settings, records, rate))
         _wait_until_committed(settings, timeout_s, worker)
+        elapsed, broker_cpu = time.monotonic() - started, broker.cpu_seconds() - broker_started if broker else None
     finally:
         stop_worker(worker)
     produced = {(p, o): ts for p, o, _k, _v, _h, ts in read_topic(
         settings.kafka_bootstrap, settings.behaviors_topic, with_timestamps=True)}
-    ages = np.array([ts - produced[(p, offset)] for p, ts, offset in _publications(settings, len(records))])
+    publications, state_bytes = _publications(settings, len(records))
+    ages = np.array([ts - produced[(p, offset)] for p, ts, offset in publications])
+    run = {"offered_events_per_s": rate, "seconds": seconds}
     for q in (50, 99):
-        emit("pipeline", f"freshness_p{q}_ms", float(np.percentile(ages, q)), "ms", offered_events_per_s=rate,
-             seconds=seconds, states=len(ages))
+        emit("pipeline", f"freshness_p{q}_ms", float(np.percentile(ages, q)), "ms", **run, states=len(ages))
+    emit("pipeline", "states_mb_per_s", state_bytes / 1e6 / elapsed, "MB/s", **run, run_seconds=round(elapsed, 1))
+    if broker_cpu is not None:
+        emit("pipeline", "broker_cpu_cores", broker_cpu / elapsed, "cores", **run, run_seconds=round(elapsed, 1))
+        emit("pipeline", "broker_cpu_ms_per_state_mb", broker_cpu * 1e3 / (state_bytes / 1e6), "ms/MB", **run)
 
 
 def run(base: Settings, work_dir: Path, events: int, rate: float | None, seconds: float, timeout_s: float) -> None:

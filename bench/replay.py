@@ -7,6 +7,14 @@
 - with ``--worker-events``, one live worker drains a backlog on the same broker
   (:func:`vql.bench.pipeline.throughput`), and ``topic_over_worker`` is the ratio.
 
+And two floors, what any replay of the same events must spend here whatever its code:
+
+- ``topic_read_events_per_s``: the topic's records read by one aiokafka consumer and
+  nothing else (no decoding, no state): the most one process can replay from a topic.
+- ``store_write_s``: the Parquet replay's own states written again into fresh stores, in one
+  process (the store's float64 encoding and RocksDB writes only): the least it takes to
+  persist what that replay built.
+
 Each figure comes as wall-clock events/s and as events per CPU second of the replay process
 (``cpu_events_per_s``): the latter does not count the broker, but does not depend on what
 else the machine runs either.
@@ -14,6 +22,7 @@ else the machine runs either.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import os
@@ -21,19 +30,23 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from vql.bench.pipeline import throughput
 from vql.bench.report import emit
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
 from vql.schemas.arrow import CONTEXT_TYPE, EVENT_SCHEMA, conform_events
+from vql.schemas.user_state import StateBatch, encode_states
 from vql.streams.demo_events import DemoSpec, generate
 from vql.streams.replay import ReplayReport, run_replay_topic
 from vql.streams.replay_files import run_replay_files
 from vql.streams.settings import Settings
+from vql.streams.state_store import PartitionStore
 from vql.streams.topics import ensure_topics, produce_all
 
 MEAN_EVENTS = 50  # events per demo user: replays rebuild long histories
@@ -72,10 +85,12 @@ def from_parquet(work_dir: Path, events: int) -> None:
     pq.write_table(demo_table(demo_records(events)), path)
     settings = Settings(data_dir=work_dir / f"parquet-{uuid.uuid4().hex[:6]}", model_path=model_path)
     report = run_replay_files([path], settings, model, version, progress=False)
-    _emit("parquet", report, device=str(next(model.parameters()).device), parquet_bytes=path.stat().st_size)
+    _emit("parquet", report, device=str(next(model.parameters()).device), parquet_bytes=path.stat().st_size,
+          jobs=report.jobs)
 
 
-def from_topic(base: Settings, work_dir: Path, events: int) -> float:
+def from_topic(base: Settings, work_dir: Path, events: int) -> tuple[float, float]:
+    """The topic replay's events/s, then the topic read alone (the same topic)."""
     settings = base.model_copy(update={"data_dir": work_dir, "model_path": work_dir / "model-topic.npz"})
     settings = settings.scoped(f"bench-replay-{uuid.uuid4().hex[:6]}")
     version = VQLModel(ModelConfig()).save(settings.model_path)
@@ -83,16 +98,66 @@ def from_topic(base: Settings, work_dir: Path, events: int) -> float:
     ensure_topics(settings)
     produce_all(settings.kafka_bootstrap, settings.behaviors_topic, demo_records(events))
     report = run_replay_topic(settings, model, version, publish=True, progress=False)
-    return _emit("topic", report, partitions=settings.partitions, published=True)
+    replay_rate = _emit("topic", report, partitions=settings.partitions, published=True, jobs=report.jobs)
+    seconds = asyncio.run(_read_topic(settings, events))
+    emit("replay", "topic_read_events_per_s", events / seconds, "1/s", events=events, partitions=settings.partitions)
+    return replay_rate, events / seconds
+
+
+async def _read_topic(settings: Settings, events: int) -> float:
+    """Seconds one aiokafka consumer, set up as a replay's, takes to read ``events`` records."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=128 * 1024 * 1024,
+                                fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(settings.behaviors_topic, p) for p in range(settings.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        started, read = time.perf_counter(), 0
+        while read < events:
+            read += sum(len(records) for records in (await consumer.getmany(timeout_ms=500, max_records=32_768)).values())
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+
+
+def store_write_floor(work_dir: Path) -> None:
+    """The Parquet replay's states (the last one under ``work_dir``) written again into fresh
+    stores of the same layout, timed: encoding to the store's float64 and the RocksDB writes."""
+    built = max(work_dir.glob("parquet-*/stores/*"), key=lambda path: path.stat().st_mtime)
+    version, batches = built.name, []
+    for path in sorted(built.iterdir()):
+        store = PartitionStore(path, version)
+        states = list(store.states())
+        store.close()
+        if states:
+            batches.append((path.name, StateBatch.of(states)))
+    target = work_dir / f"store-floor-{uuid.uuid4().hex[:6]}"
+    started = time.perf_counter()
+    for name, batch in batches:
+        store = PartitionStore(target / name, version)
+        store.write(batch, processed_offset=len(batch))
+        store.close()
+    seconds = time.perf_counter() - started
+    users = sum(len(batch) for _name, batch in batches)
+    emit("replay", "store_write_s", seconds, "s", users=users, stores=len(batches),
+         state_bytes=sum(len(blob) for _name, batch in batches for blob in encode_states(batch, np.float64)))
 
 
 def run(base: Settings, work_dir: Path, events: int, topic_events: int, worker_events: int, timeout_s: float) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
-    if events:
-        from_parquet(work_dir, events)
+    # The topic first: its jobs fork this process, and after the Parquet run (2 M events
+    # generated and prepared here) every page a child writes is a copy-on-write fault; in that
+    # order the topic replay's jobs took twice the CPU.
     if topic_events:
-        replay_rate = from_topic(base, work_dir, topic_events)
+        replay_rate, read_rate = from_topic(base, work_dir, topic_events)
         if worker_events:
             worker_rate = throughput(base, work_dir, worker_events, timeout_s)
             emit("replay", "topic_over_worker", replay_rate / worker_rate, "x", replay_events=topic_events,
                  worker_events=worker_events)
+            emit("replay", "topic_read_over_worker", read_rate / worker_rate, "x", replay_events=topic_events,
+                 worker_events=worker_events)
+    if events:
+        from_parquet(work_dir, events)
+        store_write_floor(work_dir)  # last: RocksDB in this process would keep a replay here from forking
