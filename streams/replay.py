@@ -141,14 +141,14 @@ class StateSink:
         self.publisher = publisher
         self.interval_s = interval_s
         self._flushed_at = time.monotonic()
-        self._letters: list = []  # dead letters since the last flush, published with its states
 
     async def put(self, result: BatchResult, report: ReplayReport) -> dict[int, int]:
         """Cache a batch; returns the processed offsets a flush made durable (empty when none
         was due): what a resumable replay may commit."""
         self.processor.commit(result)
-        if self.publisher:
-            self._letters.extend(result.dead_letters)
+        if self.publisher and result.dead_letters:
+            # Right away, not with the states: few, but one may be megabytes of original bytes.
+            await self.publisher.publish(BatchResult(dead_letters=result.dead_letters))
         if self.processor.needs_flush() or time.monotonic() - self._flushed_at >= self.interval_s:
             return await self.flush(report)
         return {}
@@ -156,13 +156,9 @@ class StateSink:
     async def flush(self, report: ReplayReport) -> dict[int, int]:
         """Publish what the caches hold unwritten (with ``publisher``), then write it."""
         if self.publisher:
-            letters, self._letters = self._letters, []
             for pending in self.processor.unpublished(self.PUBLISH_STATES):
-                pending.dead_letters, letters = letters, []
                 self.processor.reached(await self.publisher.publish(pending))
                 report.states_published += pending.state_count
-            if letters:  # dead letters, and no state changed since the last flush
-                await self.publisher.publish(BatchResult(dead_letters=letters))
         self._flushed_at = time.monotonic()
         return self.processor.flush()
 

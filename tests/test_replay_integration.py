@@ -25,7 +25,7 @@ from vql.streams.processor import BatchProcessor
 from vql.streams.replay import run_replay_topic
 from vql.streams.replay_files import run_replay_files
 from vql.streams.state_store import PartitionStore, partition_store_path
-from vql.streams.topics import ensure_topics, produce_all
+from vql.streams.topics import ensure_topics, produce_all, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +88,8 @@ def test_topic_replay_equals_the_live_worker_and_so_does_the_exported_file(pipel
     report = run_replay_topic(target, model, version, batch_size=5000, progress=False)
     assert report.events_read == total and report.dead_letters == {"not_json": 1, "schema_violation": 1,
                                                                       "duplicate_event_id": 1}
+    letters = [dict(headers)["reason"] for *_record, headers in read_topic(target.kafka_bootstrap, target.dlq_topic)]
+    assert sorted(letters) == [b"duplicate_event_id", b"not_json", b"schema_violation"]
     replayed = Pipeline(target).published()
     result = compare(pipeline.settings, replayed, live)
     assert result.ok and result.users_compared == len(live), result.summary()
