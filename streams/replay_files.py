@@ -22,6 +22,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,16 +190,29 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     reason = validate_events(table, now_ms or int(time.time() * 1000), settings.event_policy())
     user = _dictionary(table.column("user_id"))  # hashing in Arrow, not Python; null for a bad row
-    reason = _repeated_ids(table, user, reason)
+    valid = reason < 0
+    table = table.filter(pa.array(valid))
+    exported = _has_offsets(table)
+    # The duplicate-id check (Arrow's hashing, numpy's sort) and encoding the valid rows (torch)
+    # each run mostly without the GIL, so they share the cores: 1.5 and 1.3 s one after the
+    # other for 2 M events. Rows found repeated were encoded for nothing; they are rare.
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(_repeated_ids, table.column("event_id"), user.indices.filter(pa.array(valid)),
+                              table.column("offset" if exported else "row"))
+        columns = BehaviorColumns.from_table(table)
+        codes, values, encoded_as = encode_distinct(model, columns)
+        repeated = checked.result()
+    reason = reason.copy()
+    reason[np.flatnonzero(valid)[repeated]] = list(Reason).index(Reason.DUPLICATE_EVENT_ID)
     for index, count in zip(*np.unique(reason[reason >= 0], return_counts=True)):
         report.dead_letters[list(Reason)[index].value] = int(count)
     accepted = reason < 0
-    table = table.filter(pa.array(accepted))
+    kept = np.ones(table.num_rows, bool)
+    kept[repeated] = False
+    table, encoded_as, time_s = table.filter(pa.array(kept)), encoded_as[kept], columns.time_s[kept]
 
     users = user.dictionary.to_numpy(zero_copy_only=False)  # those of rejected rows too: never folded
     owner = user.indices.fill_null(0).to_numpy()[accepted].astype(np.int64)
-    exported = all(name in table.column_names and table.column(name).null_count == 0
-                   for name in ("partition", "offset"))
     if exported:
         partition = table.column("partition").to_numpy().astype(np.int64)
         offsets = table.column("offset").to_numpy()
@@ -207,9 +221,7 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
         partitions = settings.partitions
         partition = user_partitions(users, partitions)[owner]
         offsets = table.column("row").to_numpy()
-    columns = BehaviorColumns.from_table(table)
-    codes, values, encoded_as = encode_distinct(model, columns)
-    events = _Events(users, owner, partition, offsets, columns.time_s, codes, values, encoded_as,
+    events = _Events(users, owner, partition, offsets, time_s, codes, values, encoded_as,
                      last_offsets(paths) if exported else None)
     return report, events, settings.model_copy(update={"partitions": partitions})
 
@@ -245,22 +257,20 @@ async def _fold_partitions(partitions: list[int], events: _Events, settings: Set
     return report
 
 
-def _repeated_ids(table: pa.Table, user: pa.DictionaryArray, reason: np.ndarray) -> np.ndarray:
-    """A user's event id counts once, at its first occurrence (its lowest offset, or its
-    first row): later ones are rejected as duplicate_event_id, as the worker does. Ids are
-    dictionary-encoded by Arrow (``user``: the table's user ids), so the search is a sort of
-    integers."""
-    sort_key = "offset" if "offset" in table.column_names and table.column("offset").null_count == 0 else "row"
-    event = _dictionary(table.column("event_id"))
-    pair = (user.indices.fill_null(0).to_numpy().astype(np.int64) * len(event.dictionary)
-            + event.indices.fill_null(0).to_numpy())
-    valid = np.flatnonzero(reason < 0)
-    order = valid[np.lexsort((table.column(sort_key).to_numpy()[valid], pair[valid]))]
-    repeated = order[1:][pair[order][1:] == pair[order][:-1]]
-    if repeated.size:
-        reason = reason.copy()
-        reason[repeated] = list(Reason).index(Reason.DUPLICATE_EVENT_ID)
-    return reason
+def _repeated_ids(event_ids: pa.ChunkedArray, users: pa.Array, order: pa.ChunkedArray) -> np.ndarray:
+    """The rows (of valid events) whose event id their user sent before: a user's event id
+    counts once, at its first occurrence in ``order`` (offsets, or row numbers), and later
+    ones are rejected as duplicate_event_id, as the worker does. Ids are dictionary-encoded
+    by Arrow (``users``: each row's user index), so the search is a sort of integers."""
+    event = _dictionary(event_ids)
+    pair = users.to_numpy(zero_copy_only=False).astype(np.int64) * len(event.dictionary) + event.indices.to_numpy()
+    ranked = np.lexsort((order.to_numpy(), pair))
+    return ranked[1:][pair[ranked][1:] == pair[ranked][:-1]]
+
+
+def _has_offsets(table: pa.Table) -> bool:
+    """Whether the rows carry their source partition and offset (a `vql export events` file)."""
+    return all(name in table.column_names and table.column(name).null_count == 0 for name in ("partition", "offset"))
 
 
 def _dictionary(column: pa.ChunkedArray) -> pa.DictionaryArray:
