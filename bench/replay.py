@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from vql.bench.pipeline import throughput
 from vql.bench.report import emit
@@ -44,7 +44,7 @@ from vql.model.encoder import VQLModel
 from vql.schemas.arrow import CONTEXT_TYPE, EVENT_SCHEMA, conform_events
 from vql.schemas.user_state import StateBatch, encode_states
 from vql.streams.demo_events import DemoSpec, generate
-from vql.streams.replay import ReplayReport, run_replay_topic
+from vql.streams.replay import ReplayReport, replay_consumer, run_replay_topic
 from vql.streams.replay_files import USERS_PER_CHUNK, run_replay_files
 from vql.streams.settings import Settings
 from vql.streams.state_store import PartitionStore
@@ -79,7 +79,7 @@ def _emit(source: str, report: ReplayReport, **params) -> float:
 
 
 def from_parquet(work_dir: Path, events: int) -> int:
-    """The Parquet replay's events/s; returns the jobs it ran in."""
+    """Emit the Parquet replay's events/s; return the jobs it ran in."""
     model_path = work_dir / "model.npz"
     version = VQLModel(ModelConfig()).save(model_path)
     model, _ = VQLModel.load(model_path)
@@ -109,9 +109,7 @@ def from_topic(base: Settings, work_dir: Path, events: int) -> tuple[float, floa
 
 async def _read_topic(settings: Settings, events: int) -> float:
     """Seconds one aiokafka consumer, set up as a replay's, takes to read ``events`` records."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=128 * 1024 * 1024,
-                                fetch_max_wait_ms=100)
+    consumer = replay_consumer(settings)
     await consumer.start()
     try:
         partitions = [TopicPartition(settings.behaviors_topic, p) for p in range(settings.partitions)]

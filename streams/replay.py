@@ -215,9 +215,7 @@ async def replay_topic(
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic,
                                settings.event_policy(), event_id_window=settings.event_id_window,
                                cache_bytes=settings.state_cache_mb << 20)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group,
-                                enable_auto_commit=False, max_partition_fetch_bytes=32 * 1024 * 1024,
-                                fetch_max_bytes=128 * 1024 * 1024, fetch_max_wait_ms=100)
+    consumer = replay_consumer(settings, group)
     await consumer.start()
     sink = await open_sink(settings, processor, publish)
     report, failed = ReplayReport(), True
@@ -247,6 +245,14 @@ async def replay_topic(
         await consumer.stop()
         processor.close()
     return report
+
+
+def replay_consumer(settings: Settings, group: str | None = None) -> AIOKafkaConsumer:
+    """A consumer for reading a topic from end to end: large fetches, no group membership
+    (``group`` only names whose offsets it may commit), offsets committed by hand."""
+    return AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False,
+                            max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=128 * 1024 * 1024,
+                            fetch_max_wait_ms=100)
 
 
 async def _commit(consumer: AIOKafkaConsumer, settings: Settings, group: str | None,
