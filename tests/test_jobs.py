@@ -1,5 +1,6 @@
-"""Forked jobs (streams/jobs.py): results in task order, progress from every job, and a
-job's failure, or death, raised in the parent with the other jobs ended."""
+"""Forked jobs (streams/jobs.py): results in task order, progress from every job, a job's
+failure, or death, raised in the parent with the other jobs ended, and partitions dealt so
+that every job has work."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import signal
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from vql.streams.jobs import JobFailed, run_jobs
+from vql.streams.jobs import JobFailed, deal, run_jobs
 
 
 def square(task: int, tick) -> tuple[int, int]:
@@ -56,3 +59,16 @@ def test_a_failed_or_killed_job_is_raised_here_and_ends_the_others(kind, error, 
         assert "exit code -9" in str(raised.value)
     with pytest.raises(ProcessLookupError):  # the waiting job was ended and reaped, not left sleeping
         os.kill(int(pid_file.read_text()), 0)
+
+
+@given(st.dictionaries(st.integers(0, 63), st.just(0) | st.integers(1, 10_000), max_size=24), st.integers(1, 8))
+def test_partitions_are_dealt_once_each_to_jobs_that_all_have_work(sizes, jobs):
+    work = deal(sizes, jobs)
+    assert sorted(p for share in work for p in share) == sorted(sizes)
+    with_work = sum(1 for n in sizes.values() if n)
+    assert len(work) == max(1, min(jobs, with_work))
+    loads = [sum(sizes[p] for p in share) for share in work]
+    if with_work:
+        assert min(loads) > 0  # no job is forked for nothing
+        # largest first to the lightest job: no job ends more than one partition ahead of another
+        assert max(loads) - min(loads) <= max(sizes.values())
