@@ -30,6 +30,7 @@ from vql.model.encoder import VQLModel
 from vql.schemas.user_state import read_state_header
 from vql.streams.demo import start_worker, stop_worker
 from vql.streams.demo_events import DemoSpec, generate, history_lengths
+from vql.streams.kafka_security import aiokafka_security
 from vql.streams.settings import Settings
 from vql.streams.topics import ensure_topics, produce_all, read_topic, reader
 
@@ -131,7 +132,8 @@ async def _offer(settings: Settings, records: list[tuple[bytes, bytes]], rate: f
     go out as producer batches per partition every few ms, through aiokafka's batch builder:
     a kafka-python send per record costs ~25 us, which on two cores took CPU from the worker
     under test."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0,
+                                **aiokafka_security())
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(settings.behaviors_topic))

@@ -16,6 +16,7 @@ from faust.sensors.prometheus import setup_prometheus_sensors
 from prometheus_client import CollectorRegistry
 
 from vql.streams.consumer import BehaviorConsumer
+from vql.streams.kafka_security import KafkaSecurity
 from vql.streams.metrics import WorkerMetrics
 from vql.streams.processor import BatchProcessor, BatchResult
 from vql.streams.settings import Settings
@@ -39,6 +40,7 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,  # Faust validates it even when the web is off
         web_bind=settings.web_host,
+        broker_credentials=KafkaSecurity().faust_credentials(),
     )
     app.boot_strategy = WorkerBoot(app)
     registry = CollectorRegistry()

@@ -18,6 +18,7 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from vql.schemas.user_state import StateBatch, StateFormatError, decode_user_state
+from vql.streams.kafka_security import aiokafka_security
 from vql.streams.state_store import PartitionStore
 
 log = logging.getLogger("vql.changelog")
@@ -35,7 +36,8 @@ async def restore_partition(
     """
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024)
+                                max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
+                                **aiokafka_security())
     await consumer.start()
     restored, foreign, started = 0, 0, time.monotonic()
     try:

@@ -42,6 +42,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from vql.streams.changelog import restore_partition
+from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.settings import Settings
 from vql.streams.state_store import StoreError
@@ -82,6 +83,7 @@ class Publisher:
             max_batch_size=1024 * 1024,
             # Room for a dead letter of max_dead_letter_bytes plus its headers.
             max_request_size=settings.max_dead_letter_bytes + 1024 * 1024,
+            **aiokafka_security(),
         )
         await producer.start()
         return cls(producer, settings)
@@ -162,6 +164,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
+            **aiokafka_security(),
         )
         await self._consumer.start()
         self._consumer.subscribe([s.behaviors_topic], listener=self)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from vql.model.encoder import VQLModel
 from vql.streams.consumer import Publisher
 from vql.streams.jobs import cpu_seconds, deal, default_jobs, run_jobs, safe_jobs
+from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, Record
 from vql.streams.settings import Settings
 from vql.streams.topics import admin, ensure_topics
@@ -252,7 +253,7 @@ def replay_consumer(settings: Settings, group: str | None = None) -> AIOKafkaCon
     (``group`` only names whose offsets it may commit), offsets committed by hand."""
     return AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False,
                             max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=128 * 1024 * 1024,
-                            fetch_max_wait_ms=100)
+                            fetch_max_wait_ms=100, **aiokafka_security())
 
 
 async def _commit(consumer: AIOKafkaConsumer, settings: Settings, group: str | None,
@@ -267,7 +268,8 @@ async def topic_ranges(settings: Settings, span: TopicRange) -> dict[int, tuple[
     """Per partition, [start, end): the requested range clipped to the topic, ending at the
     head as of now. What the stores already hold is each job's to skip (:func:`replay_topic`)."""
     topic = settings.behaviors_topic
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                                **aiokafka_security())
     await consumer.start()
     try:
         available = sorted(consumer.partitions_for_topic(topic) or range(settings.partitions))

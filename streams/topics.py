@@ -10,6 +10,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from tqdm import tqdm
 
+from vql.streams.kafka_security import kafka_python_security
 from vql.streams.settings import Settings
 
 
@@ -19,7 +20,8 @@ class BrokerUnavailable(RuntimeError):
 
 def admin(bootstrap: str) -> KafkaAdminClient:
     try:
-        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vql-admin", request_timeout_ms=15000)
+        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vql-admin", request_timeout_ms=15000,
+                                **kafka_python_security())
     except KafkaError as exc:
         raise BrokerUnavailable(
             f"no Kafka broker answers at {bootstrap} (start one: bash deploy/kafka/broker.sh start)"
@@ -84,6 +86,7 @@ def producer(bootstrap: str) -> KafkaProducer:
         batch_size=256 * 1024,
         compression_type=None,
         max_request_size=16 * 1024 * 1024,
+        **kafka_python_security(),
     )
 
 
@@ -115,6 +118,7 @@ def reader(bootstrap: str, **options) -> KafkaConsumer:
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=16 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
+        **kafka_python_security(),
         **options,
     )
 

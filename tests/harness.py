@@ -24,6 +24,7 @@ from vql.model.state import apply_events, empty_state
 from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.user_state import UserState, decode_user_state
 from vql.streams.demo import read_states, start_worker, stop_worker
+from vql.streams.kafka_security import kafka_python_security
 from vql.streams.settings import Settings
 from vql.streams.topics import ensure_topics, read_topic
 
@@ -68,7 +69,8 @@ class Pipeline:
     def committed(self) -> int:
         """Input records the consumer group has committed, over all partitions."""
         consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
-                                 group_id=self.settings.app_id, enable_auto_commit=False)
+                                 group_id=self.settings.app_id, enable_auto_commit=False,
+                                 **kafka_python_security())
         try:
             parts = consumer.partitions_for_topic(self.settings.behaviors_topic) or set()
             return sum(consumer.committed(TopicPartition(self.settings.behaviors_topic, p)) or 0 for p in parts)

@@ -21,6 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from harness import Pipeline, compare, recompute
 from vql.streams.demo_events import DemoSpec, generate
+from vql.streams.kafka_security import kafka_python_security
 from vql.streams.topics import TopicLayoutError, ensure_topics, produce_all, read_topic
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def produce(pipeline: Pipeline, records) -> int:
 def rewind_group(pipeline: Pipeline) -> None:
     """Make the (stopped) worker group re-read every record: a full redelivery."""
     settings = pipeline.settings
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **kafka_python_security())
     try:
         admin.alter_group_offsets(settings.app_id, {
             TopicPartition(settings.behaviors_topic, p): OffsetAndMetadata(0, "", -1)
@@ -109,7 +110,7 @@ def test_published_states_equal_offline_recomputation(kafka_bootstrap, tmp_path)
 def test_topics_are_created_with_their_layout_and_mismatches_refused(kafka_bootstrap, tmp_path):
     pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=2)
     settings = pipeline.settings
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap, **kafka_python_security())
     try:
         described = {t["name"]: t for t in admin.describe_topics(
             [settings.behaviors_topic, settings.states_topic, settings.dlq_topic])}
