@@ -20,6 +20,7 @@ from kafka import KafkaProducer
 from harness import Pipeline, compare, recompute
 from vql.schemas.user_state import decode_user_state
 from vql.streams.demo_events import DemoSpec, generate
+from vql.streams.kafka_security import aiokafka_security, kafka_python_security
 from vql.streams.topics import ensure_topics, latest_by_key, read_topic
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,7 @@ Record = tuple[bytes, bytes, int | None]  # key, value, partition (None: the key
 
 def produce_kafka_python(bootstrap: str, topic: str, codec: str, records: list[Record]) -> None:
     client = KafkaProducer(bootstrap_servers=bootstrap, compression_type=codec, linger_ms=50,
-                           max_request_size=16 * 1024 * 1024)
+                           max_request_size=16 * 1024 * 1024, **kafka_python_security())
     try:
         for key, value, partition in records:
             client.send(topic, key=key, value=value, partition=partition)
@@ -43,7 +44,7 @@ def produce_kafka_python(bootstrap: str, topic: str, codec: str, records: list[R
 
 async def _produce_aiokafka(bootstrap: str, topic: str, codec: str, records: list[Record]) -> None:
     client = AIOKafkaProducer(bootstrap_servers=bootstrap, compression_type=codec, linger_ms=50,
-                              max_request_size=16 * 1024 * 1024)
+                              max_request_size=16 * 1024 * 1024, **aiokafka_security())
     await client.start()
     try:
         sent = [await client.send(topic, key=key, value=value, partition=partition)
