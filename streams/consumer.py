@@ -42,6 +42,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from vql.streams.changelog import restore_partition
+from vql.streams.dead_letters import fit, letter_producer, topic_limit
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.settings import Settings
@@ -49,44 +50,54 @@ from vql.streams.state_store import StoreError
 
 log = logging.getLogger("vql.worker")
 
+MAX_DETAIL_BYTES = 1024  # a dead letter's `detail` header, at most
 
-def dead_letter(letter: DeadLetter, source_topic: str, max_bytes: int) -> tuple[bytes | None, list[tuple[str, bytes]]]:
-    """The DLQ contract: the original value and headers with a machine-readable reason and
-    where the original record came from. A value over ``max_bytes`` is cut (and the headers
-    say so), so that no record can make the dead-letter publish itself fail."""
-    value = letter.record.value
+
+def dead_letter(letter: DeadLetter, source_topic: str, max_bytes: int
+                ) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The DLQ contract: the original key, value and headers with a machine-readable reason
+    and where the original record came from, as (key, value, headers). A letter larger than
+    ``max_bytes`` as a record batch is cut to fit (streams/dead_letters.py; the headers say
+    so), so that no record can make the dead-letter publish itself fail."""
     headers = [
         ("reason", letter.rejection.reason.value.encode()),
-        ("detail", letter.rejection.detail.encode("utf-8", "replace")),
+        ("detail", letter.rejection.detail.encode("utf-8", "replace")[:MAX_DETAIL_BYTES]),
         ("source_topic", source_topic.encode()),
         ("source_partition", str(letter.record.partition).encode()),
         ("source_offset", str(letter.record.offset).encode()),
     ]
-    if value is not None and len(value) > max_bytes:
-        headers += [("truncated", b"1"), ("original_bytes", str(len(value)).encode())]
-        value = value[:max_bytes]
-    return value, headers
+    return fit(letter.record.key, letter.record.value, headers, max_bytes)
 
 
 class Publisher:
     """Publishes a batch's states and dead letters; knows nothing of consuming."""
 
-    def __init__(self, producer: AIOKafkaProducer, settings: Settings) -> None:
+    def __init__(self, producer: AIOKafkaProducer, settings: Settings,
+                 letters: AIOKafkaProducer | None = None, letter_bytes: int | None = None) -> None:
         self.producer = producer
         self.settings = settings
+        self.letters = letters or producer  # dead letters travel in batches the DLQ accepts
+        self.letter_bytes = letter_bytes or settings.max_dead_letter_bytes
 
     @classmethod
     async def start(cls, settings: Settings) -> "Publisher":
-        """A publisher on a started producer sized for whole state batches and dead letters."""
+        """A publisher on started producers: one sized for whole state batches, one whose
+        batches fit the DLQ topic's limit (streams/dead_letters.py)."""
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-            max_batch_size=1024 * 1024,
-            # Room for a dead letter of max_dead_letter_bytes plus its headers.
-            max_request_size=settings.max_dead_letter_bytes + 1024 * 1024,
+            max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
             **aiokafka_security(),
         )
+        letter_bytes = await asyncio.to_thread(topic_limit, settings)
+        letters = letter_producer(settings, letter_bytes)
         await producer.start()
-        return cls(producer, settings)
+        await letters.start()
+        return cls(producer, settings, letters, letter_bytes)
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+        if self.letters is not self.producer:
+            await self.letters.stop()
 
     async def publish(self, result: BatchResult) -> dict[int, int]:
         """Send everything and wait for Kafka's acknowledgements; returns, per partition, the
@@ -101,9 +112,8 @@ class Publisher:
                 deliveries.append((partition, count, future))
         letters = []
         for letter in result.dead_letters:
-            value, headers = dead_letter(letter, self.settings.behaviors_topic, self.settings.max_dead_letter_bytes)
-            letters.append(await self.producer.send(self.settings.dlq_topic, value, key=letter.record.key,
-                                                    headers=headers))
+            key, value, headers = dead_letter(letter, self.settings.behaviors_topic, self.letter_bytes)
+            letters.append(await self.letters.send(self.settings.dlq_topic, value, key=key, headers=headers))
         reached: dict[int, int] = {}
         for (partition, count, _future), metadata in zip(deliveries, await asyncio.gather(*(d[2] for d in deliveries))):
             reached[partition] = max(reached.get(partition, -1), metadata.offset + count - 1)
@@ -180,7 +190,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                 if self._consumer is not None:
                     await self._consumer.stop()
                 if self._publisher is not None:
-                    await self._publisher.producer.stop()
+                    await self._publisher.stop()
                 self.processor.close()
 
     # -- rebalancing (aiokafka calls these between polls) -------------------------------------

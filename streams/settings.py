@@ -70,8 +70,9 @@ class Settings(BaseSettings):
 
     max_event_bytes: int = Field(64 * 1024, ge=256, description="larger events are dead-lettered as oversized")
     max_dead_letter_bytes: int = Field(
-        15 * 1024 * 1024, ge=1024,
-        description="a dead letter's value is cut to this size (headers say so): the DLQ never refuses a record",
+        1024 * 1024, ge=4096,
+        description="the DLQ topic's max.message.bytes, set when the worker creates it: a dead letter is cut "
+                    "to fit this or the existing topic's limit, whichever is smaller (headers say so)",
     )
     event_id_window: int = Field(
         256, ge=0,

@@ -39,7 +39,8 @@ def ensure_topics(settings: Settings) -> None:
     wanted = {
         settings.behaviors_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
         settings.states_topic: {"cleanup.policy": "compact"},
-        settings.dlq_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
+        settings.dlq_topic: {"cleanup.policy": "delete", "retention.ms": "-1",
+                             "max.message.bytes": str(settings.max_dead_letter_bytes)},
     }
     client = admin(settings.kafka_bootstrap)
     try:

@@ -132,20 +132,6 @@ def test_a_rewound_batch_neither_moves_the_offset_back_nor_dead_letters_again(pr
     assert processor.process(batch).duplicates == 3
 
 
-def test_a_dead_letter_larger_than_the_limit_is_cut_and_says_so():
-    from vql.schemas.decode import Rejection
-    from vql.streams.consumer import dead_letter
-    from vql.streams.processor import DeadLetter
-
-    letter = DeadLetter(RawRecord(3, 77, b"k", b"x" * 5000), Rejection(Reason.OVERSIZED, "too big"))
-    value, headers = dead_letter(letter, "behaviors", max_bytes=1024)
-    h = dict(headers)
-    assert value == b"x" * 1024 and h["truncated"] == b"1" and h["original_bytes"] == b"5000"
-    assert (h["reason"], h["source_partition"], h["source_offset"]) == (b"oversized", b"3", b"77")
-    value, headers = dead_letter(letter, "behaviors", max_bytes=10_000)
-    assert value == b"x" * 5000 and "truncated" not in dict(headers)
-
-
 def test_a_repeated_event_id_is_dead_lettered_but_a_redelivery_is_not(processor, tmp_path):
     first = records(0, 0, [(b"a", event("a", 1, 5)), (b"a", event("a", 2, 4)), (b"a", event("a", 1, 5))])
     result = processor.process(first)
