@@ -40,6 +40,13 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         web_enabled=settings.web_port > 0,
         web_port=settings.web_port or 6066,  # Faust validates it even when the web is off
         web_bind=settings.web_host,
+        # Only /health, /metrics and a bare index: Faust's introspection views (the key router,
+        # table contents, the topology graph, statistics) say more than an operator's port should.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
+        web_metrics_enabled=False,
         broker_credentials=KafkaSecurity().faust_credentials(),
     )
     app.boot_strategy = WorkerBoot(app)

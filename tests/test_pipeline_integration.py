@@ -167,5 +167,6 @@ def test_health_and_metrics_endpoints(kafka_bootstrap, tmp_path):
         assert 'vql_dead_letters_total{reason="not_json"} 2.0' in text
         assert "vql_code_usage_entropy_bits{group=\"0\"}" in text
         assert "vql_consumer_lag_records" in text and "faust_" in text
+        assert [http_get(port, path)[0] for path in ("/router/", "/table/", "/graph/", "/stats/")] == [404] * 4
     finally:
         pipeline.stop_all()
