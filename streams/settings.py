@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="the DLQ topic's max.message.bytes, set when the worker creates it: a dead letter is cut "
                     "to fit this or the existing topic's limit, whichever is smaller (headers say so)",
     )
+    dlq_retention_s: float = Field(
+        14 * 24 * 3600, gt=0,
+        description="retention.ms of the DLQ topic, set when the worker creates it: dead letters hold raw "
+                    "input (users' data) and have no consumer that trims them",
+    )
     event_id_window: int = Field(
         256, ge=0,
         description="recent event ids remembered per user: a repeated one is dead-lettered (0: no check)",

@@ -39,7 +39,7 @@ def ensure_topics(settings: Settings) -> None:
     wanted = {
         settings.behaviors_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
         settings.states_topic: {"cleanup.policy": "compact"},
-        settings.dlq_topic: {"cleanup.policy": "delete", "retention.ms": "-1",
+        settings.dlq_topic: {"cleanup.policy": "delete", "retention.ms": str(int(settings.dlq_retention_s * 1000)),
                              "max.message.bytes": str(settings.max_dead_letter_bytes)},
     }
     client = admin(settings.kafka_bootstrap)
