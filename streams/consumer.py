@@ -46,6 +46,7 @@ from vql.streams.dead_letters import fit, letter_producer, topic_limit
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.settings import Settings
+from vql.streams.state_limits import state_batch_bytes, states_limit
 from vql.streams.state_store import StoreError
 
 log = logging.getLogger("vql.worker")
@@ -83,9 +84,10 @@ class Publisher:
     async def start(cls, settings: Settings) -> "Publisher":
         """A publisher on started producers: one sized for whole state batches, one whose
         batches fit the DLQ topic's limit (streams/dead_letters.py)."""
+        state_bytes = await asyncio.to_thread(states_limit, settings)
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-            max_batch_size=1024 * 1024, max_request_size=16 * 1024 * 1024,
+            max_batch_size=state_batch_bytes(state_bytes), max_request_size=16 * 1024 * 1024,
             **aiokafka_security(),
         )
         letter_bytes = await asyncio.to_thread(topic_limit, settings)

@@ -13,36 +13,19 @@ The limit is the smaller of ``VQL_MAX_DEAD_LETTER_BYTES`` (set as the topic's
 
 from __future__ import annotations
 
-import logging
-
 from aiokafka import AIOKafkaProducer
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import KafkaError
 
+from vql.streams import record_limits
 from vql.streams.kafka_security import aiokafka_security
+from vql.streams.record_limits import FRAMING_MARGIN, Headers, record_bytes
 from vql.streams.settings import Settings
-from vql.streams.topics import BrokerUnavailable, admin
 
-log = logging.getLogger("vql.dead_letters")
-
-Headers = list[tuple[str, bytes]]
-
-# Room left for what the size estimate cannot know in advance (varint widths of the offset
-# and timestamp deltas, the batch's producer fields): a few bytes, kept generous.
-FRAMING_MARGIN = 64
 # A record key longer than this share of the limit is cut as well (a key cannot be mended
 # from the headers, but a hostile key must not leave no room for the value).
 MAX_KEY_SHARE = 4
 # The producer's batches are never larger than this, whatever the topic allows: letters are
 # rare, and large batches only delay them.
 MAX_BATCH_BYTES = 1024 * 1024
-
-
-def record_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
-    """The size of a record batch holding only this record, as the broker checks it
-    against ``max.message.bytes`` (uncompressed: letters are sent without compression)."""
-    return DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) + FRAMING_MARGIN
 
 
 def fit(key: bytes | None, value: bytes | None, headers: Headers, limit: int
@@ -67,28 +50,9 @@ def fit(key: bytes | None, value: bytes | None, headers: Headers, limit: int
 
 
 def topic_limit(settings: Settings) -> int:
-    """The DLQ topic's ``max.message.bytes`` as the broker reports it, capped by
-    ``max_dead_letter_bytes``; the setting alone when the broker cannot say."""
-    wanted = settings.max_dead_letter_bytes
-    try:
-        client = admin(settings.kafka_bootstrap)
-    except BrokerUnavailable:
-        return wanted
-    try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, settings.dlq_topic)
-        config = client.describe_configs([resource], config_filter="all")["topic"][settings.dlq_topic]
-        actual = int(config["max.message.bytes"]["value"])
-    except (KafkaError, KeyError, TypeError, ValueError) as exc:
-        log.warning("cannot read max.message.bytes of %s (%s): letters are cut to %d bytes",
-                    settings.dlq_topic, exc, wanted)
-        return wanted
-    finally:
-        client.close()
-    if actual < wanted:
-        log.warning("%s accepts records of at most %d bytes (max.message.bytes), less than "
-                    "VQL_MAX_DEAD_LETTER_BYTES=%d: dead letters are cut to the topic's limit",
-                    settings.dlq_topic, actual, wanted)
-    return min(actual, wanted)
+    """The DLQ topic's ``max.message.bytes``, capped by ``max_dead_letter_bytes``."""
+    return record_limits.topic_limit(settings, settings.dlq_topic, settings.max_dead_letter_bytes,
+                                     "VQL_MAX_DEAD_LETTER_BYTES")
 
 
 def letter_producer(settings: Settings, limit: int) -> AIOKafkaProducer:

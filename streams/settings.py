@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         description="retention.ms of the DLQ topic, set when the worker creates it: dead letters hold raw "
                     "input (users' data) and have no consumer that trims them",
     )
+    max_state_bytes: int = Field(
+        1024 * 1024, ge=4096,
+        description="the states topic's max.message.bytes, set when the worker creates it: a model whose "
+                    "largest state record exceeds this or the existing topic's limit is refused at start",
+    )
     event_id_window: int = Field(
         256, ge=0,
         description="recent event ids remembered per user: a repeated one is dead-lettered (0: no check)",

@@ -38,7 +38,7 @@ def ensure_topics(settings: Settings) -> None:
     partition its events come from)."""
     wanted = {
         settings.behaviors_topic: {"cleanup.policy": "delete", "retention.ms": "-1"},
-        settings.states_topic: {"cleanup.policy": "compact"},
+        settings.states_topic: {"cleanup.policy": "compact", "max.message.bytes": str(settings.max_state_bytes)},
         settings.dlq_topic: {"cleanup.policy": "delete", "retention.ms": str(int(settings.dlq_retention_s * 1000)),
                              "max.message.bytes": str(settings.max_dead_letter_bytes)},
     }

@@ -11,6 +11,7 @@ from vql.model.artifact import ArtifactError
 from vql.streams.app import create_app
 from vql.streams.processor import BatchProcessor
 from vql.streams.settings import Settings
+from vql.streams.state_limits import StateLimitError, check_states_fit, states_limit
 from vql.streams.state_store import StoreError
 from vql.streams.topics import BrokerUnavailable, TopicLayoutError, ensure_topics
 
@@ -47,7 +48,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
         return 2
     try:
         ensure_topics(settings)
-    except (BrokerUnavailable, TopicLayoutError) as exc:
+        # Before consuming anything: a state Kafka refuses would stop this worker and every next one.
+        check_states_fit(processor.model.config, states_limit(settings), settings.states_topic)
+    except (BrokerUnavailable, TopicLayoutError, StateLimitError) as exc:
         print(f"vql worker: {exc}", file=sys.stderr)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
