@@ -84,12 +84,15 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         metrics.stage_seconds.labels(stage="flush").observe(seconds)
 
     consumer = BehaviorConsumer(settings, processor, observe, observe_flush, loop=app.loop, beacon=app.beacon)
+    app.vql_consumer = consumer  # run_worker reads why it stopped
 
     @app.page("/health")
     async def _health(web, request):  # noqa: ANN001 - Faust's view signature
-        """starting (no partition yet), recovering (rebalancing, restoring), ready: 200 only when ready."""
-        return web.json({"status": consumer.status, "model_version": processor.model_version},
-                        status=200 if consumer.status == "ready" else 503)
+        """starting (no partition yet), recovering (rebalancing, restoring), ready, failed (a
+        restore that cannot succeed: the worker stops), with the reason: 200 only when ready."""
+        status, reason = consumer.health()
+        return web.json({"status": status, "reason": reason, "model_version": processor.model_version},
+                        status=200 if status == "ready" else 503)
 
     @app.task
     async def _start_consumer() -> None:

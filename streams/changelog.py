@@ -16,20 +16,29 @@ import logging
 import time
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaTimeoutError
 
 from vql.schemas.user_state import StateBatch, StateFormatError, decode_user_state
 from vql.streams.kafka_security import aiokafka_security
+from vql.streams.recovery import off_loop
 from vql.streams.state_store import PartitionStore
 
 log = logging.getLogger("vql.changelog")
 
 RESTORE_CHUNK = 2000  # states per WriteBatch while restoring
+RESTORE_STALL_S = 30.0  # no record for this long while behind the end: a broker error, tried again
 
 
 async def restore_partition(
     store: PartitionStore, bootstrap: str, topic: str, partition: int, model_version: str, purpose: str = "assigned"
 ) -> int:
     """Bring ``store`` up to the end of ``topic``'s ``partition``; returns states restored.
+
+    The end is the partition's end offset read at the start: the restore stops when its
+    position reaches it, never on an empty poll (a slow fetch would end it early, and a
+    compacted-away last offset would never come), and fails with a KafkaTimeoutError when no
+    record comes for ``RESTORE_STALL_S``. Decoding and RocksDB writes run in a thread, so that
+    a long restore does not stop the event loop (heartbeats, the other partitions' batches).
 
     A state of another model version in the topic is skipped with a warning: its codes mean
     nothing to this model (a misconfigured states topic; docs/operations.md).
@@ -39,43 +48,63 @@ async def restore_partition(
                                 max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
                                 **aiokafka_security())
     await consumer.start()
-    restored, foreign, started = 0, 0, time.monotonic()
+    counts, started = _Counts(), time.monotonic()
     try:
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
         held = store.changelog_offset()
         begin = (await consumer.beginning_offsets([tp]))[tp]
         start = begin if held is None else max(held + 1, begin)
-        pending, last = [], start - 1
         if start >= end:
             if purpose != "standby":  # a standby round with nothing new says nothing
                 log.info("restored 0 states of %s partition %d (%s) from offset %d: up to date",
                          topic, partition, purpose, start)
             return 0
         consumer.seek(tp, start)
-        while last < end - 1:
+        position, progress = start, time.monotonic()
+        while position < end:
             batches = await consumer.getmany(tp, timeout_ms=1000, max_records=RESTORE_CHUNK)
-            for record in batches.get(tp, []):
-                last = record.offset
-                if record.value is None:
-                    continue  # a tombstone: the user was deleted (compaction keeps none)
-                try:
-                    state = decode_user_state(record.value)
-                except StateFormatError as exc:
-                    log.warning("changelog %s offset %d: unreadable state skipped: %s", tp, record.offset, exc)
-                    continue
-                if state.model_version != model_version:
-                    foreign += 1
-                    continue
-                pending.append(state)
-            if pending or batches:
-                store.write(StateBatch.of(pending) if pending else None, None, last)
-                restored += len(pending)
-                pending = []
-        if foreign:
-            log.warning("changelog %s: %d states of another model skipped", tp, foreign)
+            records = [r for r in batches.get(tp, []) if r.offset < end]
+            reached = min(await consumer.position(tp), end)
+            if reached > position:  # records, or only transaction markers: the offset moves on
+                await off_loop(_write_chunk, store, records, reached - 1, model_version, tp, counts)
+                position, progress = reached, time.monotonic()
+            elif time.monotonic() - progress > RESTORE_STALL_S:
+                raise KafkaTimeoutError(f"no record of {tp} for {RESTORE_STALL_S:.0f} s at offset {position} "
+                                        f"(restoring up to {end})")
+        if counts.foreign:
+            log.warning("changelog %s: %d states of another model skipped", tp, counts.foreign)
         log.info("restored %d states of %s partition %d (%s) from offset %d to %d in %.1f s",
-                 restored, topic, partition, purpose, start, last, time.monotonic() - started)
-        return restored
+                 counts.restored, topic, partition, purpose, start, end - 1, time.monotonic() - started)
+        return counts.restored
     finally:
         await consumer.stop()
+
+
+class _Counts:
+    """What a restore has done so far (written by its chunks, in a thread)."""
+
+    def __init__(self) -> None:
+        self.restored = 0
+        self.foreign = 0
+
+
+def _write_chunk(store: PartitionStore, records: list, reached: int, model_version: str, tp: TopicPartition,
+                 counts: _Counts) -> None:
+    """Decode a chunk of changelog records and write their states and the changelog offset
+    they reach in one WriteBatch."""
+    pending = []
+    for record in records:
+        if record.value is None:
+            continue  # a tombstone: the user was deleted (compaction keeps none)
+        try:
+            state = decode_user_state(record.value)
+        except StateFormatError as exc:
+            log.warning("changelog %s offset %d: unreadable state skipped: %s", tp, record.offset, exc)
+            continue
+        if state.model_version != model_version:
+            counts.foreign += 1
+            continue
+        pending.append(state)
+    store.write(StateBatch.of(pending) if pending else None, None, reached)
+    counts.restored += len(pending)

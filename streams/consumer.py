@@ -22,9 +22,10 @@ Order of work per micro-batch, what makes at-least-once delivery safe (design/pi
    lacks, and are never written.
 
 A crash anywhere redelivers what came after the last flush; per-user applied offsets make
-the second application a no-op. A partition assigned to this worker is first brought up to date from its
-changelog, the states topic (streams/changelog.py), so that it arrives with its state from
-whichever worker or host owned it before. Standby replicas: every ``standby_interval_s`` the
+the second application a no-op. A partition assigned to this worker is paused and first brought up to date
+from its changelog, the states topic (streams/changelog.py), so that it arrives with its state
+from whichever worker or host owned it before; it is resumed only once that restore has
+succeeded (streams/recovery.py: broker errors are retried, anything else stops the worker). Standby replicas: every ``standby_interval_s`` the
 worker catches up its local copies of the partitions it does not own, so that taking one
 over reads only the last few seconds of the changelog.
 """
@@ -45,6 +46,7 @@ from vql.streams.changelog import restore_partition
 from vql.streams.dead_letters import fit, letter_producer, topic_limit
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
+from vql.streams.recovery import PartitionRecovery, RestoreFailed
 from vql.streams.settings import Settings
 from vql.streams.state_limits import state_batch_bytes, states_limit
 from vql.streams.state_store import StoreError
@@ -155,7 +157,10 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self.on_flush = on_flush
         self._flushed_at: dict[int, float] = {}  # partition -> when its cache was last written
         self._last_flush = time.monotonic()  # of any partition
-        self.status = "starting"  # starting -> ready; recovering while partitions move
+        self._assigned = False  # whether the group has given this worker partitions yet
+        self._rebalancing = False  # between a revocation and the assignment that follows
+        self._recovery = PartitionRecovery(self._restore, self._resume, self._fail_stop,
+                                           settings.restore_retry_max_s, self._advice)
         self._lock = asyncio.Lock()  # held for a whole batch, and by rebalance callbacks
         self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
         self._consumer: AIOKafkaConsumer | None = None
@@ -184,6 +189,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     async def on_stop(self) -> None:
         # Let the batch in progress finish and its publication be acknowledged (_settle), then
         # write and commit everything.
+        await self._recovery.cancel()
         async with self._lock:
             try:
                 if self._consumer is not None:
@@ -197,21 +203,67 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     # -- rebalancing (aiokafka calls these between polls) -------------------------------------
 
+    @property
+    def status(self) -> str:
+        """starting (no partition yet), recovering (rebalancing, or a partition not yet
+        restored), ready, or failed (a restore that cannot succeed: the worker stops)."""
+        return self.health()[0]
+
+    def health(self) -> tuple[str, str]:
+        """The status and, unless ready, why."""
+        if self._recovery.failure is not None:
+            return "failed", str(self._recovery.failure)
+        if not self._assigned:
+            return "starting", "waiting for the consumer group to assign partitions"
+        if self._rebalancing:
+            return "recovering", "the consumer group is rebalancing"
+        if self._recovery.restoring:
+            return "recovering", self._recovery.reason()
+        return "ready", ""
+
     async def on_partitions_revoked(self, revoked) -> None:
-        self.status = "recovering"
+        self._rebalancing = True
+        partitions = [tp.partition for tp in revoked]
+        await self._recovery.cancel(partitions)  # before their stores close
         async with self._lock:  # the batch in flight is written and committed before the partitions go
-            partitions = [tp.partition for tp in revoked]
             await self._flush_and_commit(partitions)
             self.processor.release(partitions)
 
     async def on_partitions_assigned(self, assigned) -> None:
-        self.status = "recovering"
-        async with self._lock, self._standby_lock:
-            for tp in sorted(assigned):
-                store = await self._open_owned(tp.partition)
-                await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
-                                        tp.partition, self.processor.model_version)
-        self.status = "ready"
+        """Pause the new partitions and restore them in tasks (aiokafka would swallow what
+        this raises, so nothing here may fail): each is resumed once restored."""
+        self._consumer.pause(*assigned)
+        self._assigned, self._rebalancing = True, False
+        self._recovery.start(sorted(tp.partition for tp in assigned))
+
+    async def _restore(self, partition: int) -> None:
+        async with self._standby_lock:
+            store = await self._open_owned(partition)
+            await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
+                                    partition, self.processor.model_version)
+
+    def _resume(self, partition: int) -> None:
+        tp = TopicPartition(self.settings.behaviors_topic, partition)
+        if tp in self._consumer.assignment():
+            self._consumer.resume(tp)
+
+    def _advice(self, partition: int, exc: BaseException) -> str:
+        from vql.streams.state_store import partition_store_path
+
+        path = partition_store_path(self.settings.data_dir, self.processor.model_version,
+                                    self.settings.behaviors_topic, partition)
+        if isinstance(exc, StoreError):
+            return (f"Check the store at {path}: if it is held by another process, stop that process; "
+                    f"if it is damaged, delete it and start the worker again, which restores it whole from "
+                    f"{self.settings.states_topic} (docs/operations.md, 'When a restore fails').")
+        return ("Read the error above, fix its cause, and start the worker again (docs/operations.md, "
+                "'When a restore fails').")
+
+    async def _fail_stop(self, failure: RestoreFailed) -> None:
+        """Stop the worker without consuming the partition: /health says failed meanwhile, and
+        the process exits with code 2 (streams/worker.py)."""
+        log.error("%s", failure)
+        await self.crash(failure)
 
     async def _open_owned(self, partition: int, patience_s: float = 30.0):
         """The partition's store; while the previous owner on this host (or its standby
@@ -314,8 +366,13 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def _apply(self, fetched: dict) -> None:
         owned = self._consumer.assignment()
-        # A partition revoked while we waited for the lock: the new owner has its records.
-        records = [m for tp, messages in fetched.items() if tp in owned for m in messages]
+        restoring = set(self._recovery.restoring)
+        # A partition revoked while we waited for the lock: the new owner has its records. One
+        # not yet restored is paused before its first fetch (aiokafka drops what a paused
+        # partition fetched); records of it here are from before the rebalance: its position
+        # restarts at the committed offset, so they come again once it is restored.
+        records = [m for tp, messages in fetched.items() if tp in owned and tp.partition not in restoring
+                   for m in messages]
         if not records:
             return
         timestamps = [m.timestamp for m in records]
@@ -331,7 +388,6 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         # publication in flight is acknowledged (_flush_and_commit settles first), and a
         # failed publication stops the worker without a flush (_settle).
         self.processor.commit(result)
-        self.status = "ready"
         self._in_flight = asyncio.ensure_future(self._publish(result, timestamps, processed - started))
 
     async def _publish(self, result: BatchResult, timestamps: list[int], process_s: float) -> None:

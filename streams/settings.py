@@ -36,6 +36,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="consumer group session timeout: how soon a dead worker's partitions move"
     )
 
+    restore_retry_max_s: float = Field(
+        30.0, gt=0,
+        description="longest wait between two tries of a partition's restore that failed on a broker error "
+                    "(the wait doubles from 0.5 s; the partition stays paused until a try succeeds)",
+    )
+
     standby_interval_s: float = Field(
         10.0, ge=0,
         description="how often the local copies of partitions other workers own are caught up "

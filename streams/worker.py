@@ -62,5 +62,15 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
         print(f"vql worker: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+        return _restore_failure(app) or int(exc.code or 0)
+    return _restore_failure(app)
+
+
+def _restore_failure(app: faust.App) -> int:
+    """2, with the reason on stderr, if the worker stopped because a restore failed for good
+    (a supervisor should not restart it in a loop: someone has to act); else 0."""
+    failure = app.vql_consumer.health()
+    if failure[0] != "failed":
+        return 0
+    print(f"vql worker: {failure[1]}", file=sys.stderr)
+    return 2
