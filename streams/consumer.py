@@ -49,7 +49,7 @@ from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.recovery import PartitionRecovery, RestoreFailed
 from vql.streams.settings import Settings
 from vql.streams.state_limits import state_batch_bytes, states_limit
-from vql.streams.state_store import StoreError
+from vql.streams.state_store import CorruptStoreError, StoreError
 
 log = logging.getLogger("vql.worker")
 
@@ -272,9 +272,9 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         while True:
             try:
                 return self.processor.store(partition)
-            except StoreError:
-                if time.monotonic() > deadline:
-                    raise
+            except StoreError as exc:
+                if isinstance(exc, CorruptStoreError) or time.monotonic() > deadline:
+                    raise  # a corrupt store does not mend by waiting
                 await asyncio.sleep(0.5)
 
     def highwater(self, partition: int) -> int | None:

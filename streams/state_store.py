@@ -53,14 +53,40 @@ class StoreError(RuntimeError):
     """The store on disk cannot be used by this worker; the message says why and what to do."""
 
 
+class CorruptStoreError(StoreError):
+    """The store's files are damaged (RocksDB reports corruption, or a stored state does not
+    decode). Nothing in it can be trusted, and nothing needs to be: the states topic holds
+    every state the store held, so the recovery is to delete the directory and restore."""
+
+    def __init__(self, path: Path, detail: object) -> None:
+        self.path = path
+        super().__init__(
+            f"the RocksDB store at {path} is corrupt ({detail}). To recover: stop the worker on this host, "
+            f"delete the directory {path} (this partition's store only) and start the worker again; the "
+            "partition's store is rebuilt from the states topic before it consumes (docs/operations.md, "
+            "'A corrupt store')"
+        )
+
+
+def is_corruption(exc: BaseException | None) -> bool:
+    """Whether RocksDB reported damaged files (rocksdict raises plain Exception with RocksDB's
+    status text, ``Corruption: ...``)."""
+    return exc is not None and "Corruption:" in str(exc)
+
+
 class PartitionStore:
     """User states of one input partition, plus the offset processed up to."""
 
     def __init__(self, path: Path, model_version: str) -> None:
         self.path = path
         self.model_version = model_version
-        self._db = open_rocksdb(path, StoreError, "the RocksDB store")
-        stamp = self._db.get(_MODEL_KEY)
+        try:
+            self._db = open_rocksdb(path, StoreError, "the RocksDB store")
+        except StoreError as exc:
+            if is_corruption(exc.__cause__):
+                raise CorruptStoreError(path, exc.__cause__) from exc.__cause__
+            raise
+        stamp = self._get(_MODEL_KEY)
         if stamp is None:
             if next(iter(self._db.keys()), None) is not None:
                 self._db.close()
@@ -73,6 +99,15 @@ class PartitionStore:
                 "a new model needs a new store, built by replay (docs/operations.md)"
             )
 
+    def _get(self, keys):
+        """``Rdict.get`` (one key or a list), with RocksDB's corruption as :class:`CorruptStoreError`."""
+        try:
+            return self._db.get(keys)
+        except Exception as exc:
+            if is_corruption(exc):
+                raise CorruptStoreError(self.path, exc) from exc
+            raise
+
     def load(self, user_ids: Sequence[str], shape: tuple[int, int, int, int]) -> StateBatch:
         """The stored states of these users, in order, as one batch; a user never seen gets
         an empty state of ``shape``."""
@@ -83,17 +118,17 @@ class PartitionStore:
     def load_into(self, batch: StateBatch, rows: np.ndarray) -> None:
         """Decode the stored states of ``batch``'s users at ``rows`` into those rows, which
         must hold empty states; a user never seen keeps its empty state."""
-        raw = self._db.get([_USER + batch.user_ids[row].encode() for row in rows.tolist()])
+        raw = self._get([_USER + batch.user_ids[row].encode() for row in rows.tolist()])
         found = [i for i, blob in enumerate(raw) if blob is not None]
         if found:
             try:
                 decode_states([raw[i] for i in found], into=batch, rows=rows[found], rows_empty=True)
             except StateFormatError as exc:
-                raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
+                raise CorruptStoreError(self.path, f"a stored state does not decode: {exc}") from exc
 
     def load_event_ids(self, user_ids: Sequence[str]) -> list[np.ndarray]:
         """Each user's recent event-id fingerprints (uint64, oldest first; empty if none)."""
-        raw = self._db.get([_EVENT_IDS + u.encode() for u in user_ids])
+        raw = self._get([_EVENT_IDS + u.encode() for u in user_ids])
         return [np.empty(0, np.uint64) if blob is None else np.frombuffer(blob, "<u8") for blob in raw]
 
     def write(self, states: StateBatch | None, processed_offset: int | None,
@@ -120,24 +155,41 @@ class PartitionStore:
             batch.put(_OFFSET_KEY, str(processed_offset).encode())
         if changelog_offset is not None:
             batch.put(_CHANGELOG_KEY, str(changelog_offset).encode())
-        self._db.write(batch)
+        try:
+            self._db.write(batch)
+        except Exception as exc:
+            if is_corruption(exc):
+                raise CorruptStoreError(self.path, exc) from exc
+            raise
 
     def processed_offset(self) -> int | None:
         """The last input offset whose batch was written, or None for a new store."""
-        raw = self._db.get(_OFFSET_KEY)
+        raw = self._get(_OFFSET_KEY)
         return None if raw is None else int(raw)
 
     def changelog_offset(self) -> int | None:
         """The last offset of the partition's changelog this store holds, or None."""
-        raw = self._db.get(_CHANGELOG_KEY)
+        raw = self._get(_CHANGELOG_KEY)
         return None if raw is None else int(raw)
 
     def states(self) -> Iterator[UserState]:
-        """Every stored state (for verification and export)."""
-        for key, blob in self._db.items(from_key=_USER):
-            if not key.startswith(_USER):
-                break
-            yield decode_user_state(blob)
+        """Every stored state (for verification and export). RocksDB's iterator ends early,
+        without an error, at a damaged block: its status is checked at the end, so that a
+        corrupt store raises instead of yielding part of its states."""
+        it = self._db.iter()
+        it.seek(_USER)
+        while it.valid() and it.key().startswith(_USER):
+            try:
+                yield decode_user_state(it.value())
+            except StateFormatError as exc:
+                raise CorruptStoreError(self.path, f"a stored state does not decode: {exc}") from exc
+            it.next()
+        try:
+            it.status()
+        except Exception as exc:
+            if is_corruption(exc):
+                raise CorruptStoreError(self.path, exc) from exc
+            raise
 
     def approximate_keys(self) -> int:
         return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)
