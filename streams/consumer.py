@@ -48,6 +48,7 @@ from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.recovery import PartitionRecovery, RestoreFailed
 from vql.streams.settings import Settings
+from vql.streams.standby import catch_up_round
 from vql.streams.state_limits import state_batch_bytes, states_limit
 from vql.streams.state_store import CorruptStoreError, StoreError
 
@@ -290,25 +291,22 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         topic, states = self.settings.behaviors_topic, self.settings.states_topic
         while interval and not self.should_stop:
             await self.sleep(interval)
-            partitions = sorted(self._consumer.partitions_for_topic(topic) or set())
-            # One offsets request a round, so that a partition with nothing new costs no
-            # restore consumer of its own.
-            ends = await self._consumer.end_offsets([TopicPartition(states, p) for p in partitions])
-            for partition in partitions:
-                async with self._standby_lock:
-                    if self.should_stop or TopicPartition(topic, partition) in self._consumer.assignment():
-                        continue
-                    try:
-                        store = self.processor.open_unowned(partition)
-                    except StoreError:
-                        continue  # its owner on this host has it open: nothing to keep warm
-                    try:
-                        held = store.changelog_offset()
-                        if held is None or held < ends[TopicPartition(states, partition)] - 1:
-                            await restore_partition(store, self.settings.kafka_bootstrap, states,
-                                                    partition, self.processor.model_version, "standby")
-                    finally:
-                        store.close()
+            try:
+                partitions = sorted(self._consumer.partitions_for_topic(topic) or set())
+                # One offsets request a round, so that a partition with nothing new costs no
+                # restore consumer of its own.
+                ends = await self._consumer.end_offsets([TopicPartition(states, p) for p in partitions])
+            except Exception as exc:  # noqa: BLE001 - the next round asks again
+                log.warning("standby round skipped, retried in %.0f s: %r", interval, exc)
+                continue
+            await catch_up_round(
+                partitions, {p: ends[TopicPartition(states, p)] for p in partitions},
+                owned=lambda p: TopicPartition(topic, p) in self._consumer.assignment(),
+                open_store=self.processor.open_unowned,
+                restore=lambda store, p: restore_partition(store, self.settings.kafka_bootstrap, states, p,
+                                                           self.processor.model_version, "standby"),
+                lock=self._standby_lock, stopping=lambda: self.should_stop,
+            )
 
     # -- the loop -----------------------------------------------------------------------------
 
