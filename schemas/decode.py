@@ -26,6 +26,7 @@ class Reason(str, Enum):
     FUTURE_EVENT_TIME = "future_event_time"
     EVENT_TIME_BEFORE_HORIZON = "event_time_before_horizon"
     DUPLICATE_EVENT_ID = "duplicate_event_id"  # judged by the processor, against the user's recent ids
+    INVALID_CONTROL = "invalid_control"  # a control message (schemas/control.py) that cannot be applied
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         for letter in result.dead_letters:
             metrics.dead_letters.labels(reason=letter.rejection.reason.value).inc()
         metrics.states_published.inc(result.state_count)
+        metrics.users_deleted.inc(result.deleted_count)
         metrics.stage_seconds.labels(stage="process").observe(process_s)
         metrics.stage_seconds.labels(stage="encode").observe(result.encode_s)
         metrics.stage_seconds.labels(stage="publish").observe(publish_s)

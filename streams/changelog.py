@@ -18,7 +18,8 @@ import time
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
-from vql.schemas.user_state import StateBatch, StateFormatError, decode_user_state
+from vql.schemas.control import deleted_offset
+from vql.schemas.user_state import StateBatch, StateFormatError, UserState, decode_user_state
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.recovery import off_loop
 from vql.streams.state_store import PartitionStore
@@ -41,7 +42,10 @@ async def restore_partition(
     a long restore does not stop the event loop (heartbeats, the other partitions' batches).
 
     A state of another model version in the topic is skipped with a warning: its codes mean
-    nothing to this model (a misconfigured states topic; docs/operations.md).
+    nothing to this model (a misconfigured states topic; docs/operations.md). A tombstone
+    deletes the user's state and event ids; one the worker published (streams/deletion.py)
+    also leaves the user's deletion marker, so that a redelivery of the events before the
+    delete request applies nothing here either.
     """
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
@@ -74,8 +78,9 @@ async def restore_partition(
                                         f"(restoring up to {end})")
         if counts.foreign:
             log.warning("changelog %s: %d states of another model skipped", tp, counts.foreign)
-        log.info("restored %d states of %s partition %d (%s) from offset %d to %d in %.1f s",
-                 counts.restored, topic, partition, purpose, start, end - 1, time.monotonic() - started)
+        log.info("restored %d states (%d users deleted) of %s partition %d (%s) from offset %d to %d in %.1f s",
+                 counts.restored, counts.deleted, topic, partition, purpose, start, end - 1,
+                 time.monotonic() - started)
         return counts.restored
     finally:
         await consumer.stop()
@@ -86,17 +91,24 @@ class _Counts:
 
     def __init__(self) -> None:
         self.restored = 0
+        self.deleted = 0
         self.foreign = 0
 
 
 def _write_chunk(store: PartitionStore, records: list, reached: int, model_version: str, tp: TopicPartition,
                  counts: _Counts) -> None:
-    """Decode a chunk of changelog records and write their states and the changelog offset
-    they reach in one WriteBatch."""
-    pending = []
+    """Decode a chunk of changelog records and write their deletions, states and the
+    changelog offset they reach in one WriteBatch."""
+    pending: dict[str, UserState] = {}
+    deletions: dict[str, int | None] = {}  # written before the states: a later state re-creates
     for record in records:
         if record.value is None:
-            continue  # a tombstone: the user was deleted (compaction keeps none)
+            if record.key is not None:
+                user = record.key.decode("utf-8", "replace")
+                pending.pop(user, None)
+                marker = deleted_offset(record.headers)
+                deletions[user] = marker if marker is not None else deletions.get(user)
+            continue
         try:
             state = decode_user_state(record.value)
         except StateFormatError as exc:
@@ -105,6 +117,7 @@ def _write_chunk(store: PartitionStore, records: list, reached: int, model_versi
         if state.model_version != model_version:
             counts.foreign += 1
             continue
-        pending.append(state)
-    store.write(StateBatch.of(pending) if pending else None, None, reached)
+        pending[state.user_id] = state
+    store.write(StateBatch.of(list(pending.values())) if pending else None, None, reached, deletions=deletions)
     counts.restored += len(pending)
+    counts.deleted += len(deletions)

@@ -65,6 +65,28 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
+    from kafka.errors import KafkaError
+
+    from vql.streams.deletion import request_deletions
+    from vql.streams.topics import BrokerUnavailable
+
+    users = list(args.user)
+    if args.file is not None:
+        users += [line.strip() for line in args.file.read_text().splitlines() if line.strip()]
+    if not users:
+        print("vql delete-user: no user ids given", file=sys.stderr)
+        return 2
+    try:
+        sent = request_deletions(settings.kafka_bootstrap, settings.behaviors_topic, users)
+    except (ValueError, KafkaError, BrokerUnavailable) as exc:
+        print(f"vql delete-user: {exc}", file=sys.stderr)
+        return 1
+    for user, partition, offset in sent:
+        print(f"delete request for {user!r}: {settings.behaviors_topic} partition {partition} offset {offset}")
+    return 0
+
+
 def _bench_encode(args: argparse.Namespace, settings: Settings) -> int:
     from vql.bench.encode import run
 
@@ -282,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--candidates", type=int, default=1000)
     score.add_argument("--top", type=int, default=10)
     score.set_defaults(handler=_score)
+
+    delete_user = commands.add_parser(
+        "delete-user", help="forget users: their states everywhere, and their events so far",
+        description="Send a delete request (a control message keyed by the user) per user to the behaviors "
+        "topic. The owning worker applies it in input order: it deletes the user's state from its store, "
+        "keeps a deletion marker so that a redelivery of the user's older events applies nothing, and "
+        "publishes a tombstone to the states topic, which standbys, restores and serving views obey. Events "
+        "after the request start a new history. Raw events stay in the behaviors topic until its "
+        "retention: docs/operations.md, 'Deleting a user'.")
+    delete_user.add_argument("user", nargs="*", help="user ids")
+    delete_user.add_argument("--file", type=Path, help="also the user ids in this file, one a line")
+    delete_user.set_defaults(handler=_delete_user)
 
     serve = commands.add_parser(
         "serve", help="the HTTP scoring service over a local view of user-states",

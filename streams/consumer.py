@@ -45,6 +45,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from vql.streams.changelog import restore_partition
 from vql.streams.dead_letters import fit, letter_producer, topic_limit
 from vql.streams.kafka_security import aiokafka_security
+from vql.streams.deletion import TombstoneWatch, publish_tombstones
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.recovery import PartitionRecovery, RestoreFailed
 from vql.streams.settings import Settings
@@ -109,6 +110,7 @@ class Publisher:
         last offset the states reached in the states topic (the changelog offset)."""
         deliveries: list[tuple[int, int, asyncio.Future]] = []
         timestamp_ms = int(time.time() * 1000)
+        reached = await publish_tombstones(self.producer, self.settings.states_topic, result)
         for (partition, states, _offset), values in zip(result.writes, result.encode_wire()):
             if states is None:
                 continue
@@ -119,7 +121,6 @@ class Publisher:
         for letter in result.dead_letters:
             key, value, headers = dead_letter(letter, self.settings.behaviors_topic, self.letter_bytes)
             letters.append(await self.letters.send(self.settings.dlq_topic, value, key=key, headers=headers))
-        reached: dict[int, int] = {}
         for (partition, count, _future), metadata in zip(deliveries, await asyncio.gather(*(d[2] for d in deliveries))):
             reached[partition] = max(reached.get(partition, -1), metadata.offset + count - 1)
         await asyncio.gather(*letters)
@@ -169,6 +170,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._processing: asyncio.Future | None = None  # the last batch's processing thread
         self._in_flight: asyncio.Future | None = None  # the last batch's publication
         self._failed: Exception | None = None  # why a publication failed: the worker must stop
+        self._tombstones = TombstoneWatch(settings.kafka_bootstrap, settings.states_topic, settings.behaviors_topic)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -229,6 +231,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         async with self._lock:  # the batch in flight is written and committed before the partitions go
             await self._flush_and_commit(partitions)
             self.processor.release(partitions)
+            self._tombstones.revoked(partitions)
 
     async def on_partitions_assigned(self, assigned) -> None:
         """Pause the new partitions and restore them in tasks (aiokafka would swallow what
@@ -240,8 +243,11 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     async def _restore(self, partition: int) -> None:
         async with self._standby_lock:
             store = await self._open_owned(partition)
+            held = store.changelog_offset()
             await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
                                     partition, self.processor.model_version)
+            # Bare tombstones the restore applied are answered with delete requests too.
+            self._tombstones.assigned(partition, None if held is None else held + 1)
 
     def _resume(self, partition: int) -> None:
         tp = TopicPartition(self.settings.behaviors_topic, partition)
@@ -307,6 +313,21 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                                                            self.processor.model_version, "standby"),
                 lock=self._standby_lock, stopping=lambda: self.should_stop,
             )
+
+    # -- bare tombstones ------------------------------------------------------------------------
+
+    @mode.Service.task
+    async def _watch_tombstones(self) -> None:
+        """Turn bare tombstones on owned partitions into delete requests (streams/deletion.py)."""
+        interval = self.settings.tombstone_check_interval_s
+        while interval and not self.should_stop:
+            await self.sleep(interval)
+            try:
+                for user, partition in await self._tombstones.check(self._publisher.producer):
+                    log.info("bare tombstone for %r on %s partition %d: delete request sent",
+                             user, self.settings.states_topic, partition)
+            except KafkaError as exc:
+                log.warning("tombstone check failed, retried next round: %s", exc)
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """`vql export` and `vql import`: events and states between topics and Parquet files.
 
 Exported events are validated by the worker's own decoder (records it would dead-letter are
-counted by reason and left out) and keep their source partition, offset and timestamp, so a
+counted by reason and left out); deletions are honoured: a user's events before their last
+delete request (schemas/control.py) are left out, as the worker forgot them, and keep their source partition, offset and timestamp, so a
 replay of the file equals a replay of the topic. Exported states are the published float32
 states, one row each (the latest per user). Import produces events back as the JSON the
 worker reads, keyed by user id; validation stays the worker's job (bad rows dead-letter).
@@ -18,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from vql.schemas.arrow import EXPORT_SCHEMA, LAST_OFFSETS, state_schema
+from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Rejection, decode_event
 from vql.schemas.events import BehaviorEvent
 from vql.schemas.user_state import StateFormatError, UserState, decode_user_state
@@ -33,16 +36,25 @@ ROW_GROUP = 65_536
 
 def export_events(bootstrap: str, topic: str, out: Path, policy: EventPolicy,
                   progress: bool = True) -> tuple[int, Counter]:
-    """Write the valid events of ``topic`` to ``out``; return (rows written, rejected by reason)."""
+    """Write the valid events of ``topic`` to ``out``, less those a later delete request of
+    their user deleted; return (rows written, rejected by reason)."""
     rejected: Counter = Counter()
+    deletes: dict[str, tuple[int, int]] = {}  # user -> (partition, offset) of its last delete request
     now_ms = int(time.time() * 1000)
     written = 0
     last: dict[int, int] = {}  # partition -> last offset read, rejected records included
     with pq.ParquetWriter(out, EXPORT_SCHEMA) as writer, \
             tqdm(desc=f"export {topic}", unit="ev", unit_scale=True, disable=not progress) as bar:
         rows: list[tuple[BehaviorEvent, int, int, int]] = []
-        for partition, offset, key, value, _headers, timestamp in read_topic(bootstrap, topic, with_timestamps=True):
+        for partition, offset, key, value, headers, timestamp in read_topic(bootstrap, topic, with_timestamps=True):
             last[partition] = offset
+            if is_control(headers):
+                request = decode_control(key, value, headers)
+                if isinstance(request, DeleteUser):
+                    deletes[request.user_id] = (partition, offset)
+                else:
+                    rejected[request.reason.value] += 1
+                continue
             decoded = decode_event(value, key, now_ms, policy)
             if isinstance(decoded, Rejection):
                 rejected[decoded.reason.value] += 1
@@ -58,7 +70,35 @@ def export_events(bootstrap: str, topic: str, out: Path, policy: EventPolicy,
             written += len(rows)
             bar.update(len(rows))
         writer.add_key_value_metadata({LAST_OFFSETS: json.dumps(last)})
+    if deletes:
+        written = _drop_deleted(out, deletes, last)
     return written, rejected
+
+
+def _drop_deleted(path: Path, deletes: dict[str, tuple[int, int]], last: dict[int, int]) -> int:
+    """Rewrite the export at ``path`` without the events at or before their user's last
+    delete request (on the request's partition); returns the rows kept. A second pass over
+    the file, not the topic: deletions are known only once the whole topic is read."""
+    users = pa.array(list(deletes), pa.string())
+    partitions = np.array([p for p, _o in deletes.values()], np.int64)
+    offsets = np.array([o for _p, o in deletes.values()], np.int64)
+    staged = path.with_name(path.name + ".tmp")
+    kept = 0
+    source = pq.ParquetFile(path)
+    with pq.ParquetWriter(staged, EXPORT_SCHEMA) as writer:
+        for group in range(source.num_row_groups):
+            table = source.read_row_group(group)
+            which = pc.index_in(table.column("user_id"), value_set=users).fill_null(-1).to_numpy()
+            hit = which >= 0
+            at = which.clip(min=0)
+            deleted = hit & (table.column("partition").to_numpy() == partitions[at]) \
+                & (table.column("offset").to_numpy() <= offsets[at])
+            table = table.filter(pa.array(~deleted))
+            writer.write_table(table)
+            kept += table.num_rows
+        writer.add_key_value_metadata({LAST_OFFSETS: json.dumps(last)})
+    staged.replace(path)
+    return kept
 
 
 def _event_table(rows: Sequence[tuple[BehaviorEvent, int, int, int]]) -> pa.Table:

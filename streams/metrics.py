@@ -19,6 +19,9 @@ class WorkerMetrics:
         self.dead_letters = Counter("vql_dead_letters_total", "Dead-lettered records by reason", ["reason"],
                                     registry=registry)
         self.states_published = Counter("vql_states_published_total", "User states published", registry=registry)
+        self.users_deleted = Counter("vql_users_deleted_total",
+                                     "Users deleted by delete requests (each a tombstone on the states topic)",
+                                     registry=registry)
         self.batch_records = Histogram("vql_batch_records", "Records per micro-batch", registry=registry,
                                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 4000, 8000))
         self.stage_seconds = Histogram("vql_stage_seconds", "Time per micro-batch stage", ["stage"],

@@ -24,6 +24,7 @@ from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns
 from vql.model.state import fold_events
 from vql.schemas.batch_decode import decode_batch
+from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Reason, Rejection
 from vql.schemas.user_state import StateBatch, UserState, encode_states, full_state_bytes
 from vql.streams.state_cache import StateCache
@@ -42,16 +43,19 @@ class Record(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]]: ...
 
 
 @dataclass(frozen=True)
 class RawRecord:
-    """A record made by hand (tools, tests): the four fields of :class:`Record`."""
+    """A record made by hand (tools, tests): the fields of :class:`Record`."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,15 @@ class BatchResult:
     store_s: float = 0.0
     code_counts: np.ndarray | None = None  # (G, K) codes assigned in this batch
     wire: list[list[bytes]] | None = None  # per write, its states as the states topic carries them
+    # partition -> users deleted by control messages -> the delete request's input offset:
+    # published as tombstones before the partition's states, deleted from the store at the flush.
+    deletions: dict[int, dict[str, int]] = field(default_factory=dict)
+    model_version: str = ""  # of the states and tombstones
+
+    @property
+    def deleted_count(self) -> int:
+        """Users deleted by the batch, over all partitions."""
+        return sum(len(users) for users in self.deletions.values())
 
     def encode_wire(self) -> list[list[bytes]]:
         """Each write's states in the states topic's float32 encoding, encoded once. The
@@ -174,6 +187,10 @@ class BatchProcessor:
         publish first (their changelog offsets then go to :meth:`reached`): for a replay,
         which coalesces its publications per flush where the worker publishes every batch."""
         for partition, cache in self._caches.items():
+            deletions = cache.unflushed_deletions()
+            if deletions:  # first: a state of the same flush re-creates the user
+                yield BatchResult(writes=[(partition, None, cache.processed_offset())],
+                                  deletions={partition: deletions}, model_version=self.model_version)
             for states in cache.unflushed_states(limit):
                 yield BatchResult(writes=[(partition, states, cache.processed_offset())])
 
@@ -216,7 +233,7 @@ class BatchProcessor:
         processed offset are skipped whole; an event at or below its user's applied offset is
         skipped by the state math (for stores restored from elsewhere, issue 4).
         """
-        result = BatchResult()
+        result = BatchResult(model_version=self.model_version)
         partition_of = np.fromiter((r.partition for r in records), np.int64, len(records))
         offset_of = np.fromiter((r.offset for r in records), np.int64, len(records))
         partitions, slot = np.unique(partition_of, return_inverse=True)
@@ -226,6 +243,7 @@ class BatchProcessor:
         # counts twice nor dead-letters twice.
         fresh = np.flatnonzero(offset_of > done[slot])
         result.duplicates += len(records) - fresh.size
+        fresh, deletes = self._controls(records, fresh, result)
         decoded = decode_batch([records[i].value for i in fresh], [records[i].key for i in fresh],
                                self.clock_ms(), self.policy)
         result.dead_letters.extend(DeadLetter(records[fresh[i]], why) for i, why in decoded.rejections)
@@ -245,7 +263,7 @@ class BatchProcessor:
         reached = done.copy()
         np.maximum.at(reached, slot, offset_of)
         for partition, offset in zip(partitions.tolist(), reached.tolist()):
-            changed = self._apply_partition(partition, events, result)
+            changed = self._apply_partition(partition, events, result, deletes.get(partition, {}))
             result.writes.append((partition, changed, offset))
         result.encode_wire()
         result.store_s = time.perf_counter() - started
@@ -258,7 +276,7 @@ class BatchProcessor:
         started = time.perf_counter()
         for partition, states, offset in result.writes:
             self.cache(partition).put(states, offset, (changelog_offsets or {}).get(partition),
-                                      result.event_ids.get(partition))
+                                      result.event_ids.get(partition), result.deletions.get(partition))
         result.store_s += time.perf_counter() - started
 
     def reached(self, changelog_offsets: dict[int, int]) -> None:
@@ -268,16 +286,48 @@ class BatchProcessor:
             if cache is not None:
                 cache.reached(offset)
 
-    def _apply_partition(self, partition: int, events: "_EventRows", result: BatchResult) -> StateBatch | None:
+    def _controls(self, records: Sequence[Record], fresh: np.ndarray,
+                  result: BatchResult) -> tuple[np.ndarray, dict[int, dict[str, int]]]:
+        """Take the control messages out of ``fresh`` (the record positions to process):
+        returns the rest, and per partition the users to delete with the input offset of
+        their last delete request; a malformed control message is dead-lettered."""
+        controls = [i for i in fresh.tolist() if is_control(records[i].headers)]
+        if not controls:
+            return fresh, {}
+        deletes: dict[int, dict[str, int]] = {}
+        for i in controls:
+            record = records[i]
+            request = decode_control(record.key, record.value, record.headers)
+            if isinstance(request, DeleteUser):
+                mine = deletes.setdefault(record.partition, {})
+                mine[request.user_id] = max(record.offset, mine.get(request.user_id, -1))
+            else:
+                result.dead_letters.append(DeadLetter(record, request))
+        return np.setdiff1d(fresh, np.asarray(controls, np.int64), assume_unique=True), deletes
+
+    def _apply_partition(self, partition: int, events: "_EventRows", result: BatchResult,
+                         deletes: dict[str, int]) -> StateBatch | None:
+        """Fold the partition's events into its users' states; a user with a delete request
+        in the batch starts from an empty state at the request's offset, so that only the
+        events after the request apply (the state math skips those at or below it)."""
         rows = np.flatnonzero(events.partition == partition)
-        if rows.size == 0:
+        if rows.size == 0 and not deletes:
             return None
-        users, owner = events.users(rows)
+        users, owner = events.users(rows) if rows.size else ([], np.empty(0, np.int64))
+        if deletes:
+            users, owner = _with_users(users, owner, deletes)
+            result.deletions[partition] = deletes
         states = self.cache(partition).load(users)
+        deleted = np.flatnonzero(np.isin(users, list(deletes))) if deletes else np.empty(0, np.int64)
+        if deleted.size:
+            states.clear(deleted)
+            states.applied_offset[deleted] = [deletes[users[i]] for i in deleted.tolist()]
+        if rows.size == 0:  # delete requests only
+            return states.take(np.empty(0, np.int64))
         offsets = events.offset[rows]
         keep = np.ones(rows.size, dtype=bool)
         if self.event_id_window:
-            keep = self._drop_repeated_ids(partition, rows, events, states, owner, offsets, result)
+            keep = self._drop_repeated_ids(partition, rows, events, states, owner, offsets, result, deletes)
         applied = fold_events(
             states, owner[keep], events.codes[rows[keep]], events.values[rows[keep]].astype(np.float64),
             events.columns.time_s[rows[keep]], self._decay, offsets[keep],
@@ -296,6 +346,7 @@ class BatchProcessor:
         owner: np.ndarray,
         offsets: np.ndarray,
         result: BatchResult,
+        deletes: dict[str, int],
     ) -> np.ndarray:
         """Dead-letter events whose id the user already sent (among the last
         ``event_id_window`` ids accepted before this batch, or earlier in this batch);
@@ -306,6 +357,8 @@ class BatchProcessor:
         """
         users = states.user_ids
         windows = self.cache(partition).load_event_ids(users)
+        if deletes:  # a deleted user's ids are forgotten with it
+            windows = [_NO_IDS if user in deletes else window for user, window in zip(users, windows)]
         order = np.argsort(offsets, kind="stable")
         judged = order[offsets[order] > states.applied_offset[owner[order]]]
         event_ids = events.event_ids(rows[judged])
@@ -360,6 +413,18 @@ class _EventRows:
 
     def record(self, row: int) -> Record:
         return self.records[int(self.position[row])]
+
+
+_NO_IDS = np.empty(0, np.uint64)
+
+
+def _with_users(users: list[str], owner: np.ndarray, extra: dict[str, int]) -> tuple[list[str], np.ndarray]:
+    """``users`` (sorted) with the ``extra`` ones added, still sorted, and ``owner`` (rows'
+    indices into ``users``) remapped to the new list."""
+    merged = sorted(set(users).union(extra))
+    where = {user: i for i, user in enumerate(merged)}
+    remap = np.fromiter((where[user] for user in users), np.int64, len(users))
+    return merged, remap[owner] if owner.size else owner
 
 
 def _or_before_first(offset: int | None) -> int:

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         description="how often the local copies of partitions other workers own are caught up "
                     "from the changelog (standby replicas; 0: none)",
     )
+    tombstone_check_interval_s: float = Field(
+        10.0, ge=0,
+        description="how often a worker looks for bare tombstones (null states not written by a worker) on "
+                    "the partitions it owns and sends a delete request for each (0: never; "
+                    "docs/operations.md, 'Deleting a user')",
+    )
     batch_size: int = Field(
         16384, ge=1,
         description="events per micro-batch, at most: a worker that keeps up takes what arrived since its "

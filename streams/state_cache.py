@@ -45,6 +45,7 @@ class StateCache:
         self._loads = 0
         self._windows: dict[str, np.ndarray] = {}  # resident users' event-id fingerprints
         self._dirty_windows: set[str] = set()
+        self._deleted: dict[str, int] = {}  # users deleted since the last flush -> the request's offset
         self._processed = store.processed_offset()
         self._changelog = store.changelog_offset()
         self._unflushed = False
@@ -80,9 +81,22 @@ class StateCache:
         return [self._windows.get(u, _NO_IDS) for u in user_ids]
 
     def put(self, states: StateBatch | None, processed_offset: int | None, changelog_offset: int | None = None,
-            event_ids: dict[str, np.ndarray] | None = None) -> None:
-        """Take a published batch's states, its users' new event-id windows and the offsets
-        it reached, to be written by the next :meth:`flush`."""
+            event_ids: dict[str, np.ndarray] | None = None, deletions: dict[str, int] | None = None) -> None:
+        """Take a published batch's deleted users (user -> the delete request's input
+        offset), states, its users' new event-id windows and the offsets it reached, to be
+        written by the next :meth:`flush`. A deleted user stays resident (and unevictable
+        until the flush deletes it from the store) as an empty state at the request's offset;
+        a state of the same batch re-creates it from the events after the request."""
+        if deletions:
+            users = list(deletions)
+            rows = self._resident(users, fetch=False)
+            self._arena.clear(rows)
+            self._arena.applied_offset[rows] = np.fromiter(deletions.values(), np.int64, len(users))
+            self._dirty[rows] = False
+            for user_id in users:
+                self._windows[user_id] = _NO_IDS
+                self._dirty_windows.discard(user_id)
+            self._deleted.update(deletions)
         if states is not None and len(states):
             rows = self._resident(states.user_ids, fetch=False)
             self._arena.put(rows, states)
@@ -104,6 +118,11 @@ class StateCache:
         for start in range(0, dirty.size, limit):
             yield self._arena.take(dirty[start:start + limit])
 
+    def unflushed_deletions(self) -> dict[str, int]:
+        """The users deleted since the last flush (what it will delete from the store), with
+        the input offsets of their delete requests."""
+        return dict(self._deleted)
+
     def reached(self, changelog_offset: int) -> None:
         """The changelog offset that the states put so far reach, once published."""
         self._changelog = max(changelog_offset, self._changelog if self._changelog is not None else -1)
@@ -115,9 +134,11 @@ class StateCache:
         if self._unflushed:
             dirty = np.flatnonzero(self._dirty)
             self.store.write(self._arena, self._processed, self._changelog,
-                             {u: self._windows[u] for u in self._dirty_windows if u in self._windows}, rows=dirty)
+                             {u: self._windows[u] for u in self._dirty_windows if u in self._windows}, rows=dirty,
+                             deletions=self._deleted)
             self._dirty[:] = False
             self._dirty_windows.clear()
+            self._deleted = {}
             self._unflushed = False
         self._evict(len(self._row) - self.capacity)
         return self._processed
@@ -167,6 +188,8 @@ class StateCache:
         candidate = np.zeros(len(self._arena), bool)
         candidate[list(self._row.values())] = True
         candidate &= ~self._dirty
+        # A deleted user's store row goes only at the flush: read back now, it would return.
+        candidate[[self._row[u] for u in self._deleted if u in self._row]] = False
         if keep is not None:
             candidate[keep] = False
         candidates = np.flatnonzero(candidate)

@@ -35,6 +35,7 @@ _OFFSET_KEY = _META + b"processed_offset"
 _CHANGELOG_KEY = _META + b"changelog_offset"
 _USER = b"u/"
 _EVENT_IDS = b"e/"  # per user: fingerprints of the most recent event ids, oldest first
+_DELETED = b"d/"  # per deleted user: the input offset of the delete request (a deletion marker)
 
 
 def open_rocksdb(path: Path, error: type[Exception], what: str) -> Rdict:
@@ -117,7 +118,9 @@ class PartitionStore:
 
     def load_into(self, batch: StateBatch, rows: np.ndarray) -> None:
         """Decode the stored states of ``batch``'s users at ``rows`` into those rows, which
-        must hold empty states; a user never seen keeps its empty state."""
+        must hold empty states; a user never seen keeps its empty state. A deleted user with
+        no state since gets an empty state whose applied offset is the delete request's, so
+        that a redelivery of the events before it applies nothing."""
         raw = self._get([_USER + batch.user_ids[row].encode() for row in rows.tolist()])
         found = [i for i, blob in enumerate(raw) if blob is not None]
         if found:
@@ -125,6 +128,17 @@ class PartitionStore:
                 decode_states([raw[i] for i in found], into=batch, rows=rows[found], rows_empty=True)
             except StateFormatError as exc:
                 raise CorruptStoreError(self.path, f"a stored state does not decode: {exc}") from exc
+        if len(found) < rows.size:
+            missing = np.setdiff1d(np.arange(rows.size), np.asarray(found, np.int64))
+            markers = self._get([_DELETED + batch.user_ids[rows[i]].encode() for i in missing.tolist()])
+            for i, marker in zip(missing.tolist(), markers):
+                if marker is not None:
+                    batch.applied_offset[rows[i]] = int(marker)
+
+    def deletion_marker(self, user_id: str) -> int | None:
+        """The input offset of the user's last applied delete request, or None."""
+        raw = self._get(_DELETED + user_id.encode())
+        return None if raw is None else int(raw)
 
     def load_event_ids(self, user_ids: Sequence[str]) -> list[np.ndarray]:
         """Each user's recent event-id fingerprints (uint64, oldest first; empty if none)."""
@@ -133,8 +147,9 @@ class PartitionStore:
 
     def write(self, states: StateBatch | None, processed_offset: int | None,
               changelog_offset: int | None = None, event_ids: dict[str, np.ndarray] | None = None,
-              rows: np.ndarray | None = None) -> None:
-        """Persist states (those at ``rows`` of ``states``, default all), users' recent event
+              rows: np.ndarray | None = None, deletions: dict[str, int | None] | None = None) -> None:
+        """Delete users (``deletions``: user -> the delete request's input offset, kept as the
+        user's deletion marker; None: no marker), then persist states (those at ``rows`` of ``states``, default all), users' recent event
         ids, the partition's processed offset and the offset of the changelog (the published
         states topic) they reach, atomically.
 
@@ -143,6 +158,12 @@ class PartitionStore:
         size took fresh pages from the kernel on every flush, where chunks reuse the same
         memory (docs/performance.md)."""
         batch = WriteBatch(raw_mode=True)
+        for user_id, offset in (deletions or {}).items():  # first: a state put below re-creates the user
+            key = user_id.encode()
+            batch.delete(_USER + key)
+            batch.delete(_EVENT_IDS + key)
+            if offset is not None:
+                batch.put(_DELETED + key, str(offset).encode())
         if states is not None:
             rows = np.arange(len(states)) if rows is None else rows
             for start in range(0, rows.size, ENCODE_ROWS):
@@ -190,6 +211,15 @@ class PartitionStore:
             if is_corruption(exc):
                 raise CorruptStoreError(self.path, exc) from exc
             raise
+
+    def deletion_markers(self) -> dict[str, int]:
+        """Every deleted user's marker: the input offset of its last delete request."""
+        markers = {}
+        for key, value in self._db.items(from_key=_DELETED):
+            if not key.startswith(_DELETED):
+                break
+            markers[key[len(_DELETED):].decode()] = int(value)
+        return markers
 
     def approximate_keys(self) -> int:
         return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)

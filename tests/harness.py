@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from vql.model.config import ModelConfig
@@ -21,6 +22,7 @@ from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns, Candidates
 from vql.model.scoring import Scorer
 from vql.model.state import apply_events, empty_state
+from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.user_state import UserState, decode_user_state
 from vql.streams.demo import read_states, start_worker, stop_worker
@@ -114,14 +116,51 @@ class Recomputed:
     rejected: dict[tuple[int, int], Rejection]  # (partition, offset) -> why
 
 
+def surviving_events(records) -> set[tuple[int, int]]:
+    """(partition, offset) of the records (partition, offset, key, value, headers; each
+    partition in offset order) that no later delete request of their user deletes: the
+    deletion rule (docs/operations.md). Control messages themselves never survive."""
+    last_delete: dict[str, tuple[int, int]] = {}  # user -> (partition, offset) of its last request
+    users: dict[tuple[int, int], str] = {}
+    for partition, offset, key, value, headers in records:
+        if is_control(headers):
+            request = decode_control(key, value, headers)
+            if isinstance(request, DeleteUser):
+                last_delete[request.user_id] = (partition, offset)
+        else:
+            users[(partition, offset)] = _user_of(key, value)
+    return {where for where, user in users.items()
+            if user not in last_delete or where[0] != last_delete[user][0] or where[1] > last_delete[user][1]}
+
+
+def _user_of(key: bytes | None, value: bytes | None) -> str:
+    """The user an event record is for: its user_id if it has one, else its key."""
+    try:
+        user = orjson.loads(value).get("user_id") if value else None
+    except (orjson.JSONDecodeError, AttributeError):
+        user = None
+    return user if isinstance(user, str) else (key or b"").decode("utf-8", "replace")
+
+
 def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
-    """Every user's state rebuilt offline from the behaviors topic, in one batch."""
+    """Every user's state rebuilt offline from the behaviors topic, in one batch: the events
+    after each user's last delete request (a user whose last word was a delete has none);
+    an event id counts once per user since the user's last delete request."""
     model, version = VQLModel.load(settings.model_path)
     cfg = model.config
     policy: EventPolicy = settings.event_policy()
     now_ms = now_ms or int(time.time() * 1000)
+    records = list(read_topic(settings.kafka_bootstrap, settings.behaviors_topic))
+    survivors = surviving_events(records)
     events, rejected, seen_ids = [], {}, set()
-    for partition, offset, key, value, _headers in read_topic(settings.kafka_bootstrap, settings.behaviors_topic):
+    for partition, offset, key, value, headers in records:
+        if is_control(headers):
+            request = decode_control(key, value, headers)
+            if isinstance(request, Rejection):
+                rejected[(partition, offset)] = request
+            else:
+                seen_ids = {(user, event_id) for user, event_id in seen_ids if user != request.user_id}
+            continue
         decoded = decode_event(value, key, now_ms, policy)
         if not isinstance(decoded, Rejection) and (decoded.user_id, decoded.event_id) in seen_ids:
             decoded = Rejection(Reason.DUPLICATE_EVENT_ID, decoded.event_id)  # a user's id counts once
@@ -129,7 +168,8 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
             rejected[(partition, offset)] = decoded
         else:
             seen_ids.add((decoded.user_id, decoded.event_id))
-            events.append(decoded)
+            if (partition, offset) in survivors:
+                events.append(decoded)
     users = sorted({e.user_id for e in events})
     slot = {u: i for i, u in enumerate(users)}
     states = [empty_state(u, version, (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)) for u in users]
