@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from vql.streams.consumer import BehaviorConsumer
 from vql.streams.kafka_security import KafkaSecurity
+from vql.streams.lag import LagMonitor, PartitionSeries
 from vql.streams.metrics import WorkerMetrics
 from vql.streams.processor import BatchProcessor, BatchResult
 from vql.streams.settings import Settings
@@ -54,6 +55,7 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
     setup_prometheus_sensors(app, "/metrics", registry, name_prefix="faust")
     cfg = processor.model.config
     metrics = WorkerMetrics(registry, cfg.groups, cfg.codes)
+    series = PartitionSeries(metrics)
 
     def observe(result: BatchResult, timestamps: list[int], process_s: float, publish_s: float) -> None:
         metrics.batch_records.observe(len(timestamps))
@@ -73,10 +75,8 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
         oldest = min((ts for ts in timestamps if ts), default=None)
         if oldest:
             metrics.freshness.observe(max(0.0, time.time() - oldest / 1000.0))
-        for partition, _states, offset in result.writes:
-            highwater = consumer.highwater(partition)
-            if highwater is not None:
-                metrics.lag.labels(partition=str(partition)).set(max(0, highwater - offset - 1))
+        series.batch_applied(partition for partition, _states, _offset in result.writes)
+        for partition, _states, _offset in result.writes:
             store = processor.store(partition)
             metrics.store_keys.labels(partition=str(partition)).set(store.approximate_keys())
             metrics.store_bytes.labels(partition=str(partition)).set(store.approximate_bytes())
@@ -84,8 +84,11 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
     def observe_flush(seconds: float) -> None:
         metrics.stage_seconds.labels(stage="flush").observe(seconds)
 
-    consumer = BehaviorConsumer(settings, processor, observe, observe_flush, loop=app.loop, beacon=app.beacon)
+    consumer = BehaviorConsumer(settings, processor, observe, observe_flush, on_assigned=series.assigned,
+                                on_revoked=series.revoked, loop=app.loop, beacon=app.beacon)
     app.vql_consumer = consumer  # run_worker reads why it stopped
+    lag = LagMonitor(series, settings.behaviors_topic, settings.lag_interval_s, lambda: consumer.kafka,
+                     loop=app.loop, beacon=app.beacon)
 
     @app.page("/health")
     async def _health(web, request):  # noqa: ANN001 - Faust's view signature
@@ -98,5 +101,6 @@ def create_app(settings: Settings, processor: BatchProcessor) -> faust.App:
     @app.task
     async def _start_consumer() -> None:
         await app.add_runtime_dependency(consumer)
+        await app.add_runtime_dependency(lag)
 
     return app

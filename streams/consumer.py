@@ -150,6 +150,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         processor: BatchProcessor,
         on_batch: Callable[[BatchResult, list, float, float], None],
         on_flush: Callable[[float], None] = lambda seconds: None,
+        on_assigned: Callable[[list[int]], None] = lambda partitions: None,
+        on_revoked: Callable[[list[int]], None] = lambda partitions: None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -157,6 +159,11 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self.processor = processor
         self.on_batch = on_batch
         self.on_flush = on_flush
+        # Ownership for the per-partition metrics (streams/lag.py): assigned before the
+        # restore, so that a partition's lag is exported while it restores; revoked after
+        # the last batch's metrics, so that none outlives the partition.
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
         self._flushed_at: dict[int, float] = {}  # partition -> when its cache was last written
         self._last_flush = time.monotonic()  # of any partition
         self._assigned = False  # whether the group has given this worker partitions yet
@@ -232,10 +239,12 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             await self._flush_and_commit(partitions)
             self.processor.release(partitions)
             self._tombstones.revoked(partitions)
+            self.on_revoked(partitions)
 
     async def on_partitions_assigned(self, assigned) -> None:
         """Pause the new partitions and restore them in tasks (aiokafka would swallow what
         this raises, so nothing here may fail): each is resumed once restored."""
+        self.on_assigned([tp.partition for tp in assigned])
         self._consumer.pause(*assigned)
         self._assigned, self._rebalancing = True, False
         self._recovery.start(sorted(tp.partition for tp in assigned))
@@ -284,10 +293,10 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                     raise  # a corrupt store does not mend by waiting
                 await asyncio.sleep(0.5)
 
-    def highwater(self, partition: int) -> int | None:
-        if self._consumer is None:
-            return None
-        return self._consumer.highwater(TopicPartition(self.settings.behaviors_topic, partition))
+    @property
+    def kafka(self) -> AIOKafkaConsumer | None:
+        """The group consumer, once started: its assignment and offsets, for the lag."""
+        return self._consumer
 
     # -- standby replicas ---------------------------------------------------------------------
 

@@ -30,8 +30,13 @@ class WorkerMetrics:
             "vql_freshness_seconds",
             "Age of a batch's oldest record (Kafka timestamp) when its states were published",
             registry=registry, buckets=SECONDS_BUCKETS)
-        self.lag = Gauge("vql_consumer_lag_records", "Records behind the partition's end", ["partition"],
+        self.lag = Gauge("vql_consumer_lag_records",
+                         "Records of an owned partition after the position this worker reached", ["partition"],
                          registry=registry)
+        self.last_batch = Gauge(
+            "vql_last_batch_timestamp_seconds",
+            "Unix time of the last micro-batch applied from an owned partition (its assignment until the first)",
+            ["partition"], registry=registry)
         self.store_keys = Gauge("vql_store_keys", "Approximate keys in a partition's store", ["partition"],
                                 registry=registry)
         self.store_bytes = Gauge("vql_store_bytes", "SST and memtable bytes of a partition's store", ["partition"],
@@ -40,6 +45,20 @@ class WorkerMetrics:
                                   "Entropy of recent code assignments per group (a codebook drift signal)",
                                   ["group"], registry=registry)
         self._code_counts = np.zeros((groups, codes))
+
+    @property
+    def partition_gauges(self) -> tuple[Gauge, ...]:
+        """The series labelled by partition: only the partitions this worker owns may have them."""
+        return self.lag, self.last_batch, self.store_keys, self.store_bytes
+
+    def forget_partition(self, partition: int) -> None:
+        """Remove every series of a partition this worker no longer owns, so that no stale
+        value of it (its lag above all) outlives the ownership."""
+        for gauge in self.partition_gauges:
+            try:
+                gauge.remove(str(partition))
+            except KeyError:
+                pass  # never set for this partition
 
     def observe_codes(self, counts: np.ndarray, decay: float = 0.99) -> None:
         """Fold a batch's code counts (G, K) into an EMA and publish the entropy per group."""

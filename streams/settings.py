@@ -53,6 +53,11 @@ class Settings(BaseSettings):
                     "the partitions it owns and sends a delete request for each (0: never; "
                     "docs/operations.md, 'Deleting a user')",
     )
+    lag_interval_s: float = Field(
+        5.0, gt=0,
+        description="how often the consumer lag of every owned partition is read from the broker and "
+                    "exported, whether or not its records arrive",
+    )
     batch_size: int = Field(
         16384, ge=1,
         description="events per micro-batch, at most: a worker that keeps up takes what arrived since its "
