@@ -14,7 +14,8 @@ from pydantic.json_schema import models_json_schema
 
 from vql.schemas.events import Modality
 
-NonNegative = Annotated[StrictInt, Field(ge=0)]
+INT64_MAX = 2**63 - 1
+NonNegative = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]  # ids are int64 in the scorer and the state
 
 
 class CandidateColumns(BaseModel):
@@ -59,7 +60,7 @@ class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable code: " + ", ".join(
         ["malformed_json", "invalid_request", "invalid_candidates", "user_not_found", "stale_state",
          "model_version_mismatch", "unreadable_state", "not_found", "method_not_allowed", "request_too_large",
-         "http_error", "internal_error"]))
+         "too_many_candidates", "response_too_large", "unauthorized", "overloaded", "http_error", "internal_error"]))
     message: str
     details: list[dict[str, Any]] | None = None
 
@@ -99,10 +100,14 @@ def openapi(model_version: str) -> dict[str, Any]:
                     "200": {"description": "scores in request order",
                             "content": {"application/json": {"schema": ref("ScoreResponse")}}},
                     "400": error("malformed_json: the body is not JSON"),
+                    "401": error("unauthorized: the service has a token and the request lacks it"),
                     "404": error("user_not_found: no state for this user"),
                     "409": error("model_version_mismatch: the caller's or the state's model is not the service's"),
-                    "422": error("invalid_request / invalid_candidates: wrong fields or types; details per field"),
-                    "503": error("stale_state: the view cannot vouch for the state (retry, or allow_stale)"),
+                    "413": error("request_too_large / too_many_candidates / response_too_large: over a limit"),
+                    "422": error("invalid_request / invalid_candidates: wrong fields or types (ids beyond int64 "
+                                 "included); details per field"),
+                    "503": error("stale_state: the view cannot vouch for the state (retry, or allow_stale); "
+                                 "overloaded: every scoring thread busy and the queue full (Retry-After)"),
                 },
             }},
             "/v1/health": {"get": {

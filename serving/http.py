@@ -3,11 +3,18 @@
 Every failure leaves as a typed JSON body (:class:`vql.serving.api.ErrorBody`) with its own
 status, never a 500 with a traceback: an unexpected exception is logged here and answered as
 ``internal_error``. docs/serving.md is the reference for callers.
+
+What a caller can make the service do is bounded (docs/security.md): with ``VQL_SERVE_TOKEN``
+every request needs it as a bearer token (401); ids are int64 (422 beyond), candidates per
+request and response bytes are capped (413); validation, scoring and serialization run in a
+:class:`ScoringPool`, off the event loop, and a full pool answers 503 at once.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import orjson
@@ -20,11 +27,14 @@ from vql.schemas.user_state import StateFormatError
 from vql.serving.api import ScoreRequest, openapi
 from vql.serving.client import RankingClient
 from vql.serving.errors import InvalidCandidates, StaleState, UserNotFound
+from vql.serving.pool import Overloaded, ScoringPool
+from vql.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
 CLIENT_KEY = web.AppKey("client", RankingClient)
-MAX_CANDIDATES_KEY = web.AppKey("max_candidates", int)
+SETTINGS_KEY = web.AppKey("settings", ServingSettings)
+POOL_KEY = web.AppKey("pool", ScoringPool)
 OPENAPI_KEY = web.AppKey("openapi", dict)
 MAX_ERROR_DETAILS = 20  # a batch of 10^4 bad ids answers with the first few, not a megabyte
 
@@ -38,11 +48,27 @@ _FAILURES: list[tuple[type[Exception], int, str]] = [
 ]
 
 
-def error_response(status: int, code: str, message: str, details: list | None = None) -> web.Response:
+def error_response(status: int, code: str, message: str, details: list | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
     body = {"error": code, "message": message}
     if details is not None:
         body["details"] = details
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def bearer_auth(token: str) -> Callable:
+    """A middleware that answers 401 to any request without ``Authorization: Bearer <token>``
+    (compared in constant time)."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler) -> web.StreamResponse:
+        if not hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected):
+            return error_response(401, "unauthorized", "this service needs Authorization: Bearer <VQL_SERVE_TOKEN>",
+                                  headers={"WWW-Authenticate": 'Bearer realm="vql"'})
+        return await handler(request)
+
+    return check
 
 
 @web.middleware
@@ -66,17 +92,26 @@ def _validation_details(exc: ValidationError) -> list[dict]:
 
 
 async def score(request: web.Request) -> web.Response:
-    client = request.app[CLIENT_KEY]
+    raw = await request.read()
     try:
-        body = ScoreRequest.model_validate_json(await request.read())
+        return await request.app[POOL_KEY].run(answer_score, request.app[CLIENT_KEY], request.app[SETTINGS_KEY], raw)
+    except Overloaded as exc:
+        return error_response(503, exc.code, str(exc), headers={"Retry-After": "1"})
+
+
+def answer_score(client: RankingClient, settings: ServingSettings, raw: bytes) -> web.Response:
+    """The whole answer to a score request, from its raw body: runs in a scoring thread."""
+    try:
+        body = ScoreRequest.model_validate_json(raw)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             return error_response(400, "malformed_json", "the request body is not valid JSON")
         return error_response(422, "invalid_request", "the request does not match ScoreRequest (GET /openapi.json)",
                               _validation_details(exc))
-    limit = request.app[MAX_CANDIDATES_KEY]
+    limit = settings.max_candidates
     if len(body.candidates.item) > limit:
-        return error_response(422, "invalid_request", f"{len(body.candidates.item)} candidates exceed the limit of {limit}")
+        return error_response(413, "too_many_candidates",
+                              f"{len(body.candidates.item)} candidates exceed the limit of {limit} (VQL_SERVE_MAX_CANDIDATES)")
     if body.model_version is not None and body.model_version != client.model_version:
         return error_response(409, "model_version_mismatch",
                               f"the caller expects model {body.model_version}, the service loads {client.model_version}")
@@ -95,7 +130,13 @@ async def score(request: web.Request) -> web.Response:
         "view_lag": ranking.freshness.lag, "ctr": ranking.scores.ctr,
         "interest": np.ascontiguousarray(ranking.scores.interest) if body.return_interest else None,
     }
-    return web.Response(body=orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY), content_type="application/json")
+    encoded = orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY)
+    if len(encoded) > settings.max_response_bytes:
+        return error_response(413, "response_too_large",
+                              f"the response would be {len(encoded):,} bytes, over the limit of "
+                              f"{settings.max_response_bytes:,} (VQL_SERVE_MAX_RESPONSE_BYTES): send fewer candidates"
+                              + (" or leave out return_interest" if body.return_interest else ""))
+    return web.Response(body=encoded, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -110,11 +151,23 @@ async def openapi_document(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[OPENAPI_KEY]), content_type="application/json")
 
 
-def build_app(client: RankingClient, max_candidates: int = 10_000) -> web.Application:
-    """The service's routes over ``client``; the caller owns the client's lifetime."""
-    app = web.Application(middlewares=[typed_errors], client_max_size=64 * max_candidates + 4096)
+def build_app(client: RankingClient, settings: ServingSettings | None = None) -> web.Application:
+    """The service's routes over ``client`` with ``settings``' limits (default: the
+    environment's); the caller owns the client's lifetime, the app its scoring pool."""
+    settings = settings or ServingSettings()
+    middlewares = [typed_errors]
+    if settings.token is not None:
+        middlewares.append(bearer_auth(settings.token.get_secret_value()))
+    # Room for max_candidates ids of 19 digits in three columns, and the rest of the request.
+    app = web.Application(middlewares=middlewares, client_max_size=64 * settings.max_candidates + 4096)
     app[CLIENT_KEY] = client
-    app[MAX_CANDIDATES_KEY] = max_candidates
+    app[SETTINGS_KEY] = settings
+    app[POOL_KEY] = ScoringPool(settings.workers, settings.queue)
+
+    async def close_pool(app: web.Application) -> None:
+        app[POOL_KEY].close()
+
+    app.on_cleanup.append(close_pool)
     app[OPENAPI_KEY] = openapi(client.model_version)
     app.router.add_post("/v1/score", score)
     app.router.add_get("/v1/health", health)

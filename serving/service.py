@@ -25,7 +25,7 @@ def run_service(settings: Settings, serving: ServingSettings, follow: bool = Tru
     log.info("serving topic %s with model %s: view lag %s%s", settings.states_topic, client.model_version,
              fresh.lag, f" ({fresh.reason})" if fresh.stale else "")
     try:
-        web.run_app(build_app(client, serving.max_candidates), host=serving.host, port=serving.port,
+        web.run_app(build_app(client, serving), host=serving.host, port=serving.port,
                     access_log=None, print=lambda text: log.info("%s", text.strip()))
     finally:
         client.close()
