@@ -102,9 +102,10 @@ def _conform_context(column: pa.ChunkedArray, source: str) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, CONTEXT_TYPE)
 
 
-def validate_events(table: pa.Table, now_ms: int, policy: EventPolicy) -> np.ndarray:
+def validate_events(table: pa.Table, now_ms: int | np.ndarray, policy: EventPolicy) -> np.ndarray:
     """Per row, the index into ``list(Reason)`` of why the event is rejected, or -1 when
-    valid: decode_event's checks in its order, vectorised (``table`` as conform_events gives)."""
+    valid: decode_event's checks in its order, vectorised (``table`` as conform_events gives).
+    ``now_ms``: what event times are judged against, one for all or one per row."""
     context = table.column("context")
     category = pc.struct_field(context, "category")
     modality = pc.struct_field(context, "modality")
@@ -127,13 +128,22 @@ def validate_events(table: pa.Table, now_ms: int, policy: EventPolicy) -> np.nda
     order = list(Reason)
     checks = [  # later checks win only where earlier ones passed: assign in reverse
         (Reason.EVENT_TIME_BEFORE_HORIZON, pc.less(event_time, policy.min_event_time_ms)),
-        (Reason.FUTURE_EVENT_TIME, pc.greater(event_time, now_ms + policy.max_future_skew_ms)),
+        (Reason.FUTURE_EVENT_TIME, pc.greater(event_time, _latest_allowed(now_ms, policy, table.num_rows))),
         (Reason.UNKNOWN_SCHEMA_VERSION, pc.not_equal(version, SCHEMA_VERSION)),
         (Reason.SCHEMA_VIOLATION, _any(schema_violation + [_nulls(table)])),
     ]
     for why, mask in checks:
         reason[_true(mask)] = order.index(why)
     return reason
+
+
+def _latest_allowed(now_ms: int | np.ndarray, policy: EventPolicy, rows: int) -> pa.ChunkedArray | int:
+    """The latest event time accepted: ``now_ms`` plus the skew, a column when ``now_ms`` is
+    one per row (a scalar stays one)."""
+    if np.ndim(now_ms) == 0:
+        return int(now_ms) + policy.max_future_skew_ms
+    latest = np.asarray(now_ms, np.int64).reshape(rows) + np.int64(policy.max_future_skew_ms)
+    return pa.chunked_array([pa.array(latest)])
 
 
 def _nulls(table: pa.Table) -> pa.ChunkedArray:

@@ -55,9 +55,12 @@ class DecodedBatch:
     rejections: list[tuple[int, Rejection]] = field(default_factory=list)
 
 
-def decode_batch(raws: Sequence[bytes | None], keys: Sequence[bytes | None], now_ms: int,
+def decode_batch(raws: Sequence[bytes | None], keys: Sequence[bytes | None], now_ms: int | np.ndarray,
                  policy: EventPolicy) -> DecodedBatch:
-    """Parse and validate a batch of record values (with their keys); never raises on bad input."""
+    """Parse and validate a batch of record values (with their keys); never raises on bad input.
+    ``now_ms``: what event times are judged against, one for all or one per record
+    (schemas/event_time.py)."""
+    now = np.broadcast_to(np.asarray(now_ms, np.int64), (len(raws),))
     fast, buffer = _candidates(raws, policy)
     tables: list[pa.Table] = []
     parsed: list[np.ndarray] = []
@@ -66,7 +69,7 @@ def decode_batch(raws: Sequence[bytes | None], keys: Sequence[bytes | None], now
     fast_table = pa.concat_tables(tables) if tables else _JSON_SCHEMA.empty_table()
     fast_index = np.concatenate(parsed) if parsed else np.empty(0, np.int64)
 
-    reason = validate_events(fast_table, now_ms, policy)
+    reason = validate_events(fast_table, now[fast_index], policy)
     key_ok = _keys_match(fast_table.column("user_id"), [keys[i] for i in fast_index.tolist()])
     good = (reason < 0) & key_ok
     slow.extend(fast_index[~good].tolist())
@@ -77,7 +80,7 @@ def decode_batch(raws: Sequence[bytes | None], keys: Sequence[bytes | None], now
     rescued: list[BehaviorEvent] = []
     rescued_index: list[int] = []
     for i in sorted(slow):
-        decoded = decode_event(raws[i], keys[i], now_ms, policy)
+        decoded = decode_event(raws[i], keys[i], int(now[i]), policy)
         if isinstance(decoded, Rejection):
             rejections.append((i, decoded))
         else:

@@ -42,6 +42,7 @@ class EventPolicy:
     max_event_bytes: int = 64 * 1024
     max_future_skew_ms: int = 3_600_000  # events from more than 1 h ahead of the clock
     min_event_time_ms: int = 946_684_800_000  # 2000-01-01: older is a producer bug
+    max_landmark_lead_ms: int = 3_600_000  # no event is folded further ahead of its record's timestamp
 
 
 def decode_event(

@@ -55,7 +55,7 @@ def export_events(bootstrap: str, topic: str, out: Path, policy: EventPolicy,
                 else:
                     rejected[request.reason.value] += 1
                 continue
-            decoded = decode_event(value, key, now_ms, policy)
+            decoded = decode_event(value, key, max(now_ms, timestamp), policy)  # schemas/event_time.py
             if isinstance(decoded, Rejection):
                 rejected[decoded.reason.value] += 1
             else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +26,7 @@ from vql.model.state import fold_events
 from vql.schemas.batch_decode import decode_batch
 from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Reason, Rejection
+from vql.schemas.event_time import NO_TIMESTAMP, fold_time_s, judged_against_ms
 from vql.schemas.user_state import StateBatch, UserState, encode_states, full_state_bytes
 from vql.streams.state_cache import StateCache
 from vql.streams.state_store import PartitionStore, partition_store_path
@@ -49,13 +50,15 @@ class Record(Protocol):
 
 @dataclass(frozen=True)
 class RawRecord:
-    """A record made by hand (tools, tests): the fields of :class:`Record`."""
+    """A record made by hand (tools, tests): the fields of :class:`Record`, and its Kafka
+    timestamp if it has one."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes]] = ()
+    timestamp: int = NO_TIMESTAMP
 
 
 @dataclass(frozen=True)
@@ -244,13 +247,17 @@ class BatchProcessor:
         fresh = np.flatnonzero(offset_of > done[slot])
         result.duplicates += len(records) - fresh.size
         fresh, deletes = self._controls(records, fresh, result)
+        stamps = record_timestamps(records)
         decoded = decode_batch([records[i].value for i in fresh], [records[i].key for i in fresh],
-                               self.clock_ms(), self.policy)
+                               judged_against_ms(self.clock_ms(), stamps[fresh]), self.policy)
         result.dead_letters.extend(DeadLetter(records[fresh[i]], why) for i, why in decoded.rejections)
         kept = fresh[decoded.index]  # record position of every valid event
 
         started = time.perf_counter()
         columns = BehaviorColumns.from_table(decoded.table)
+        # Folded at the bounded time (schemas/event_time.py): the encoder does not read it.
+        columns = replace(columns, time_s=fold_time_s(decoded.table.column("event_time_ms").to_numpy(), stamps[kept],
+                                                       self.policy.max_landmark_lead_ms))
         codes, values = self.model.encode(columns) if kept.size else (None, None)
         result.encode_s = time.perf_counter() - started
         if codes is not None:
@@ -413,6 +420,12 @@ class _EventRows:
 
     def record(self, row: int) -> Record:
         return self.records[int(self.position[row])]
+
+
+def record_timestamps(records: Sequence[Record]) -> np.ndarray:
+    """Each record's Kafka timestamp in ms (int64), NO_TIMESTAMP where it has none."""
+    stamps = (getattr(r, "timestamp", None) for r in records)
+    return np.fromiter((NO_TIMESTAMP if s is None or s < 0 else s for s in stamps), np.int64, len(records))
 
 
 _NO_IDS = np.empty(0, np.uint64)

@@ -38,6 +38,7 @@ from vql.model.features import BehaviorColumns, hash_buckets
 from vql.model.state import fold_events
 from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
 from vql.schemas.decode import Reason
+from vql.schemas.event_time import NO_TIMESTAMP, fold_time_s, judged_against_ms
 from vql.schemas.events import Action, Modality
 from vql.streams.jobs import cpu_seconds, deal, default_jobs, safe_jobs
 from vql.streams.processor import BatchProcessor, BatchResult
@@ -188,7 +189,9 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
     table = read_events(paths)
     report.events_read = table.num_rows
     table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    reason = validate_events(table, now_ms or int(time.time() * 1000), settings.event_policy())
+    policy = settings.event_policy()
+    stamps = _record_timestamps(table)
+    reason = validate_events(table, judged_against_ms(now_ms or int(time.time() * 1000), stamps), policy)
     user = _dictionary(table.column("user_id"))  # hashing in Arrow, not Python; null for a bad row
     valid = reason < 0
     table = table.filter(pa.array(valid))
@@ -209,7 +212,9 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
     accepted = reason < 0
     kept = np.ones(table.num_rows, bool)
     kept[repeated] = False
-    table, encoded_as, time_s = table.filter(pa.array(kept)), encoded_as[kept], columns.time_s[kept]
+    # Folded at the worker's bounded time (schemas/event_time.py): the same for the same records.
+    time_s = fold_time_s(table.column("event_time_ms").to_numpy(), stamps[valid], policy.max_landmark_lead_ms)[kept]
+    table, encoded_as = table.filter(pa.array(kept)), encoded_as[kept]
 
     users = user.dictionary.to_numpy(zero_copy_only=False)  # those of rejected rows too: never folded
     owner = user.indices.fill_null(0).to_numpy()[accepted].astype(np.int64)
@@ -266,6 +271,13 @@ def _repeated_ids(event_ids: pa.ChunkedArray, users: pa.Array, order: pa.Chunked
     pair = users.to_numpy(zero_copy_only=False).astype(np.int64) * len(event.dictionary) + event.indices.to_numpy()
     ranked = np.lexsort((order.to_numpy(), pair))
     return ranked[1:][pair[ranked][1:] == pair[ranked][:-1]]
+
+
+def _record_timestamps(table: pa.Table) -> np.ndarray:
+    """Each row's Kafka timestamp (an exported file carries it), NO_TIMESTAMP where none."""
+    if "timestamp_ms" not in table.column_names:
+        return np.full(table.num_rows, NO_TIMESTAMP, np.int64)
+    return table.column("timestamp_ms").fill_null(NO_TIMESTAMP).to_numpy().astype(np.int64)
 
 
 def _has_offsets(table: pa.Table) -> bool:

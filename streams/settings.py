@@ -105,7 +105,16 @@ class Settings(BaseSettings):
         256, ge=0,
         description="recent event ids remembered per user: a repeated one is dead-lettered (0: no check)",
     )
-    max_future_skew_s: float = Field(3600.0, ge=0, description="reject events further ahead than this")
+    max_future_skew_s: float = Field(
+        3600.0, ge=0,
+        description="reject events further ahead than this of the later of the worker's clock and their "
+                    "record's Kafka timestamp",
+    )
+    max_landmark_lead_s: float = Field(
+        3600.0, ge=0,
+        description="no event is folded at a time further ahead than this of its record's Kafka timestamp: "
+                    "how far one event can move its user's landmark past what the partition has seen",
+    )
     min_event_time_ms: int = Field(946_684_800_000, ge=0, description="reject events before this")
 
     def scoped(self, name: str) -> "Settings":
@@ -124,4 +133,5 @@ class Settings(BaseSettings):
             max_event_bytes=self.max_event_bytes,
             max_future_skew_ms=int(self.max_future_skew_s * 1000),
             min_event_time_ms=self.min_event_time_ms,
+            max_landmark_lead_ms=int(self.max_landmark_lead_s * 1000),
         )

@@ -24,6 +24,7 @@ from vql.model.scoring import Scorer
 from vql.model.state import apply_events, empty_state
 from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
+from vql.schemas.event_time import fold_time_s, judged_against_ms
 from vql.schemas.user_state import UserState, decode_user_state
 from vql.streams.demo import read_states, start_worker, stop_worker
 from vql.streams.kafka_security import kafka_python_security
@@ -150,9 +151,11 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
     cfg = model.config
     policy: EventPolicy = settings.event_policy()
     now_ms = now_ms or int(time.time() * 1000)
-    records = list(read_topic(settings.kafka_bootstrap, settings.behaviors_topic))
+    read = list(read_topic(settings.kafka_bootstrap, settings.behaviors_topic, with_timestamps=True))
+    records = [record[:5] for record in read]
+    stamp_of = {(record[0], record[1]): record[5] for record in read}  # Kafka timestamps
     survivors = surviving_events(records)
-    events, rejected, seen_ids = [], {}, set()
+    events, stamps, rejected, seen_ids = [], [], {}, set()
     for partition, offset, key, value, headers in records:
         if is_control(headers):
             request = decode_control(key, value, headers)
@@ -161,7 +164,8 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
             else:
                 seen_ids = {(user, event_id) for user, event_id in seen_ids if user != request.user_id}
             continue
-        decoded = decode_event(value, key, now_ms, policy)
+        stamp = stamp_of[(partition, offset)]
+        decoded = decode_event(value, key, int(judged_against_ms(now_ms, np.array([stamp]))[0]), policy)
         if not isinstance(decoded, Rejection) and (decoded.user_id, decoded.event_id) in seen_ids:
             decoded = Rejection(Reason.DUPLICATE_EVENT_ID, decoded.event_id)  # a user's id counts once
         if isinstance(decoded, Rejection):
@@ -170,6 +174,7 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
             seen_ids.add((decoded.user_id, decoded.event_id))
             if (partition, offset) in survivors:
                 events.append(decoded)
+                stamps.append(stamp)
     users = sorted({e.user_id for e in events})
     slot = {u: i for i, u in enumerate(users)}
     states = [empty_state(u, version, (cfg.groups, cfg.codes, cfg.rates, cfg.group_dim)) for u in users]
@@ -177,7 +182,10 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
         columns = BehaviorColumns.from_events(events)
         codes, values = model.encode(columns)
         owner = np.fromiter((slot[e.user_id] for e in events), np.int64, len(events))
-        apply_events(states, owner, codes, values.astype(np.float64), columns.time_s, np.asarray(cfg.decay_rates))
+        # The worker's rule for the time an event is folded at, from the same module.
+        times_s = fold_time_s(np.array([e.event_time_ms for e in events], np.int64), np.array(stamps, np.int64),
+                              policy.max_landmark_lead_ms)
+        apply_events(states, owner, codes, values.astype(np.float64), times_s, np.asarray(cfg.decay_rates))
     return Recomputed(states={s.user_id: s for s in states}, rejected=rejected)
 
 
