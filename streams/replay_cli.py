@@ -87,11 +87,12 @@ def _errors() -> tuple[type[BaseException], ...]:
     from vql.schemas.arrow import FileSchemaError
     from vql.schemas.user_state import StateFormatError
     from vql.streams.replay import ReplayError
+    from vql.streams.state_limits import StateLimitError
     from vql.streams.state_store import StoreError
     from vql.streams.topics import BrokerUnavailable, TopicLayoutError
 
     return (ArtifactError, FileSchemaError, StateFormatError, ReplayError, StoreError, BrokerUnavailable,
-            TopicLayoutError, FileNotFoundError, ValueError)
+            TopicLayoutError, StateLimitError, FileNotFoundError, ValueError)
 
 
 def replay(args: argparse.Namespace, settings: Settings) -> int:
@@ -110,6 +111,7 @@ def _replay(args: argparse.Namespace, settings: Settings):
     from vql.model.encoder import VQLModel, default_device
     from vql.streams.replay import TopicRange, run_replay_topic
     from vql.streams.replay_files import run_replay_files
+    from vql.streams.state_limits import check_states_fit, states_limit
 
     updates = {name: value for name, value in (
         ("model_path", args.model), ("data_dir", args.data_dir), ("partitions", args.partitions),
@@ -119,6 +121,8 @@ def _replay(args: argparse.Namespace, settings: Settings):
     settings = settings.model_copy(update=updates)
     device = default_device() if settings.device == "auto" else torch.device(settings.device)
     model, version = VQLModel.load(settings.model_path, device)
+    if args.publish:  # before any work: states the topic refuses would stop the replay midway
+        check_states_fit(model.config, states_limit(settings), settings.states_topic)
     print(f"replaying with model {version} ({settings.model_path}) on {device} into "
           f"{settings.data_dir / 'stores' / version}" + (f" and {settings.states_topic}" if args.publish else ""))
     if args.files:

@@ -62,3 +62,17 @@ def test_a_worker_with_states_too_large_for_the_topic_refuses_to_start(kafka_boo
     assert code == 2, pipeline.worker_logs()
     log = pipeline.worker_logs()
     assert "VQL_MAX_STATE_BYTES" in log and pipeline.settings.states_topic in log, log
+
+
+@pytest.mark.integration
+def test_a_replay_that_would_publish_states_too_large_is_refused_before_any_work(kafka_bootstrap, tmp_path):
+    import os
+    import sys
+
+    VQLModel(LARGE).save(tmp_path / "large.npz")
+    out = subprocess.run(
+        [sys.executable, "-m", "vql.streams.cli", "replay", "--files", str(tmp_path / "none.parquet"), "--model",
+         str(tmp_path / "large.npz"), "--data-dir", str(tmp_path), "--publish", "never-created.states",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "VQL_KAFKA_BOOTSTRAP": kafka_bootstrap})
+    assert out.returncode == 1 and "VQL_MAX_STATE_BYTES" in out.stderr, out.stderr
