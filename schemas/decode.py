@@ -27,6 +27,8 @@ class Reason(str, Enum):
     EVENT_TIME_BEFORE_HORIZON = "event_time_before_horizon"
     DUPLICATE_EVENT_ID = "duplicate_event_id"  # judged by the processor, against the user's recent ids
     INVALID_CONTROL = "invalid_control"  # a control message (schemas/control.py) that cannot be applied
+    MISSING_KEY = "missing_key"  # a keyless record: its user's partition is unknown (schemas/placement.py)
+    WRONG_PARTITION = "wrong_partition"  # not on its key's murmur2 partition (schemas/placement.py)
 
 
 @dataclass(frozen=True)

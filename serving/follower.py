@@ -42,11 +42,15 @@ class FollowerStatus:
 class StateFollower:
     """Tails the states topic into the store; :attr:`status` tells how far behind it is."""
 
-    def __init__(self, bootstrap: str, store: StateStore, max_records: int = 10_000) -> None:
+    def __init__(self, bootstrap: str, store: StateStore, max_records: int = 10_000,
+                 metadata_max_age_s: float = 30.0) -> None:
         self.store = store
         self._max_records = max_records
+        self.partition_changes = 0  # times the topic's partition count changed under this view
         try:
-            self._consumer = reader(bootstrap, allow_auto_create_topics=False)
+            # The metadata age bounds how soon a partition-count change is seen (:meth:`_follow_partitions`).
+            self._consumer = reader(bootstrap, allow_auto_create_topics=False,
+                                    metadata_max_age_ms=int(metadata_max_age_s * 1000))
         except KafkaError as exc:
             raise BrokerUnavailable(f"no Kafka broker answers at {bootstrap}: {exc}") from exc
         partitions = self._consumer.partitions_for_topic(store.topic)
@@ -67,6 +71,7 @@ class StateFollower:
 
     def step(self, timeout_s: float = 0.5) -> int:
         """Apply what arrived within ``timeout_s`` and refresh the lag; return records applied."""
+        self._follow_partitions()
         batch = self._consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=self._max_records)
         changes = [(m.key, m.value) for messages in batch.values() for m in messages if m.key is not None]
         positions = {tp: self._consumer.position(tp) for tp in self._partitions}
@@ -78,6 +83,29 @@ class StateFollower:
             checked_at=time.monotonic(),
         )
         return len(changes)
+
+    def _follow_partitions(self) -> None:
+        """Read the partitions the topic has now. A partition-count change means the workers
+        that publish here were restarted on re-created topics, or ought to be (they stop and
+        refuse to start: docs/operations.md); the view follows the new partitions from their
+        beginning, so that the states published there reach it, and logs the change."""
+        current = self._consumer.partitions_for_topic(self.store.topic) or set()
+        if not current or len(current) == len(self._partitions):
+            return
+        log.warning("state follower: %s now has %d partitions, not %d: following them all (a partition-count "
+                    "change; see docs/operations.md)", self.store.topic, len(current), len(self._partitions))
+        positions = {tp: self._consumer.position(tp) for tp in self._partitions if tp.partition in current}
+        self._partitions = [TopicPartition(self.store.topic, p) for p in sorted(current)]
+        self._consumer.assign(self._partitions)
+        resume = self.store.next_offsets()
+        for tp in self._partitions:
+            if tp in positions:
+                self._consumer.seek(tp, positions[tp])
+            elif tp.partition in resume:
+                self._consumer.seek(tp, resume[tp.partition])
+            else:
+                self._consumer.seek_to_beginning(tp)
+        self.partition_changes += 1
 
     def catch_up(self, timeout_s: float) -> bool:
         """Read until no partition lags (True) or ``timeout_s`` passes (False): the restore on start."""

@@ -46,6 +46,7 @@ from vql.streams.changelog import restore_partition
 from vql.streams.dead_letters import fit, letter_producer, topic_limit
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.deletion import TombstoneWatch, publish_tombstones
+from vql.streams.layout import PARTITION_PROCEDURE, LayoutRefused, state_headers
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
 from vql.streams.recovery import PartitionRecovery, RestoreFailed
 from vql.streams.settings import Settings
@@ -78,11 +79,15 @@ class Publisher:
     """Publishes a batch's states and dead letters; knows nothing of consuming."""
 
     def __init__(self, producer: AIOKafkaProducer, settings: Settings,
-                 letters: AIOKafkaProducer | None = None, letter_bytes: int | None = None) -> None:
+                 letters: AIOKafkaProducer | None = None, letter_bytes: int | None = None,
+                 states_partitions: int = 0) -> None:
         self.producer = producer
         self.settings = settings
         self.letters = letters or producer  # dead letters travel in batches the DLQ accepts
         self.letter_bytes = letter_bytes or settings.max_dead_letter_bytes
+        # Each state records the partition count of its topic (streams/layout.py), so that
+        # a worker started after a partition change can tell.
+        self._state_headers = state_headers(states_partitions) if states_partitions else []
 
     @classmethod
     async def start(cls, settings: Settings) -> "Publisher":
@@ -98,7 +103,8 @@ class Publisher:
         letters = letter_producer(settings, letter_bytes)
         await producer.start()
         await letters.start()
-        return cls(producer, settings, letters, letter_bytes)
+        return cls(producer, settings, letters, letter_bytes,
+                   len(await producer.partitions_for(settings.states_topic)))
 
     async def stop(self) -> None:
         await self.producer.stop()
@@ -128,13 +134,13 @@ class Publisher:
 
     def _batches(self, user_ids: list[str], values: list[bytes], timestamp_ms: int):
         """Producer batches of encoded states, each as large as the producer allows."""
-        batch, count = self.producer.create_batch(), 0
+        batch, count, headers = self.producer.create_batch(), 0, self._state_headers
         for key, value in zip(user_ids, values):
             key = key.encode()
-            if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
+            if batch.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
                 yield count, batch
                 batch, count = self.producer.create_batch(), 0
-                if batch.append(key=key, value=value, timestamp=timestamp_ms) is None:
+                if batch.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
                     raise ValueError(f"state of {key!r} ({len(value)} B) exceeds the producer batch size")
             count += 1
         if count:
@@ -345,6 +351,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         window_ms = int(self.settings.batch_window_s * 1000)
         while not self.should_stop:
             fetched = await self._consumer.getmany(timeout_ms=window_ms, max_records=self.settings.batch_size)
+            self._check_partition_count()
             async with self._lock:
                 if self.should_stop:
                     return  # not committed: the next owner gets these records again
@@ -354,6 +361,15 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                     await self._flush_and_commit()
                 elif due := self._due_partitions():
                     await self._flush_and_commit(due)
+
+    def _check_partition_count(self) -> None:
+        """Stop when the input topic's partition count changed under the running worker: its
+        users would move to partitions whose stores do not know them (streams/layout.py).
+        The restarted worker then refuses to start, with the procedure."""
+        count = len(self._consumer.partitions_for_topic(self.settings.behaviors_topic) or ())
+        if self.processor.partitions and count and count != self.processor.partitions:
+            raise LayoutRefused(f"{self.settings.behaviors_topic} now has {count} partitions, this worker started "
+                                f"with {self.processor.partitions}: it stops; {PARTITION_PROCEDURE}")
 
     def _due_partitions(self) -> list[int]:
         """The partitions to write now: each unwritten one every ``commit_interval_s``, but

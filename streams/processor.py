@@ -27,6 +27,7 @@ from vql.schemas.batch_decode import decode_batch
 from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Reason, Rejection
 from vql.schemas.event_time import NO_TIMESTAMP, fold_time_s, judged_against_ms
+from vql.schemas.placement import misplaced
 from vql.schemas.user_state import StateBatch, UserState, encode_states, full_state_bytes
 from vql.streams.state_cache import StateCache
 from vql.streams.state_store import PartitionStore, partition_store_path
@@ -129,8 +130,13 @@ class BatchProcessor:
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         event_id_window: int = 256,
         cache_bytes: int = 0,
+        partitions: int | None = None,
     ) -> None:
         self.model = model
+        # The input topic's partition count: a record not on its key's murmur2 partition of
+        # that many (or keyless) is dead-lettered (schemas/placement.py). None: not judged
+        # (hand-made records in tests and tools, whose partitions are arbitrary).
+        self.partitions = partitions
         self.model_version = model_version
         self.data_dir = data_dir
         self.topic = topic
@@ -246,6 +252,8 @@ class BatchProcessor:
         # counts twice nor dead-letters twice.
         fresh = np.flatnonzero(offset_of > done[slot])
         result.duplicates += len(records) - fresh.size
+        if self.partitions is not None:
+            fresh = self._placed(records, fresh, partition_of, result)
         fresh, deletes = self._controls(records, fresh, result)
         stamps = record_timestamps(records)
         decoded = decode_batch([records[i].value for i in fresh], [records[i].key for i in fresh],
@@ -275,6 +283,19 @@ class BatchProcessor:
         result.encode_wire()
         result.store_s = time.perf_counter() - started
         return result
+
+    def _placed(self, records: Sequence[Record], fresh: np.ndarray, partition_of: np.ndarray,
+                result: BatchResult) -> np.ndarray:
+        """The positions of ``fresh`` whose records are on their key's partition; the others
+        are dead-lettered (missing_key, wrong_partition): folded where they arrived, a user's
+        events would split over two stores, which no replay or serving view reproduces."""
+        rejected = misplaced([records[i].key for i in fresh.tolist()], partition_of[fresh], self.partitions)
+        if not rejected:
+            return fresh
+        result.dead_letters.extend(DeadLetter(records[fresh[j]], why) for j, why in sorted(rejected.items()))
+        keep = np.ones(fresh.size, bool)
+        keep[list(rejected)] = False
+        return fresh[keep]
 
     def commit(self, result: BatchResult, changelog_offsets: dict[int, int] | None = None) -> None:
         """Hand a batch to the caches: states, event-id windows, processed offset and, if

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from vql.model.encoder import VQLModel
 from vql.streams.consumer import Publisher
+from vql.streams.layout import check_layout
 from vql.streams.jobs import cpu_seconds, deal, default_jobs, run_jobs, safe_jobs
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.processor import BatchProcessor, BatchResult, Record
@@ -171,6 +172,8 @@ async def open_sink(settings: Settings, processor: BatchProcessor, publish: bool
     if not publish:
         return StateSink(processor, None, settings.commit_interval_s)
     ensure_topics(settings)
+    # Never into a states topic of another model or partition count (streams/layout.py).
+    check_layout(settings.kafka_bootstrap, settings.states_topic, processor.model_version)
     return StateSink(processor, await Publisher.start(settings), settings.commit_interval_s)
 
 
@@ -215,7 +218,7 @@ async def replay_topic(
     holds already (a resumed replay); ``tick`` counts records done, skipped ones included."""
     processor = BatchProcessor(model, version, settings.data_dir, settings.behaviors_topic,
                                settings.event_policy(), event_id_window=settings.event_id_window,
-                               cache_bytes=settings.state_cache_mb << 20)
+                               cache_bytes=settings.state_cache_mb << 20, partitions=settings.partitions)
     consumer = replay_consumer(settings, group)
     await consumer.start()
     sink = await open_sink(settings, processor, publish)

@@ -9,6 +9,7 @@ import faust
 
 from vql.model.artifact import ArtifactError
 from vql.streams.app import create_app
+from vql.streams.layout import check_layout
 from vql.streams.processor import BatchProcessor
 from vql.streams.settings import Settings
 from vql.streams.state_limits import StateLimitError, check_states_fit, states_limit
@@ -50,6 +51,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> int:
         ensure_topics(settings)
         # Before consuming anything: a state Kafka refuses would stop this worker and every next one.
         check_states_fit(processor.model.config, states_limit(settings), settings.states_topic)
+        # Refused: states placed for another partition count or built by another model.
+        processor.partitions = check_layout(settings.kafka_bootstrap, settings.states_topic, processor.model_version)
     except (BrokerUnavailable, TopicLayoutError, StateLimitError) as exc:
         print(f"vql worker: {exc}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ from vql.model.state import apply_events, empty_state
 from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.event_time import fold_time_s, judged_against_ms
+from vql.schemas.placement import misplaced
 from vql.schemas.user_state import UserState, decode_user_state
 from vql.streams.demo import read_states, start_worker, stop_worker
 from vql.streams.kafka_security import kafka_python_security
@@ -157,6 +158,9 @@ def recompute(settings: Settings, now_ms: int | None = None) -> Recomputed:
     survivors = surviving_events(records)
     events, stamps, rejected, seen_ids = [], [], {}, set()
     for partition, offset, key, value, headers in records:
+        if wrong := misplaced([key], np.array([partition]), settings.partitions).get(0):
+            rejected[(partition, offset)] = wrong
+            continue
         if is_control(headers):
             request = decode_control(key, value, headers)
             if isinstance(request, Rejection):
