@@ -30,7 +30,12 @@ class Settings(BaseSettings):
     states_topic: str = "user-states"
     dlq_topic: str = "behaviors.dlq"
     partitions: int = Field(4, ge=1, description="partitions of the topics the app creates")
-    replication: int = Field(1, ge=1, description="replication factor of the topics it creates")
+    replication: int = Field(
+        3, ge=1, description="replication factor of the topics it creates; capped at the broker count, with a "
+                             "WARNING at start (streams/durability.py)")
+    min_insync_replicas: int = Field(
+        2, ge=1, description="min.insync.replicas of the topics it creates: with acks=all, how many copies a "
+                             "published state is on; capped below the replication factor on a smaller cluster")
 
     session_timeout_s: float = Field(
         10.0, gt=0, description="consumer group session timeout: how soon a dead worker's partitions move"

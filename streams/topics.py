@@ -10,6 +10,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from tqdm import tqdm
 
+from vql.streams.durability import cluster_durability, warn_under_replicated
 from vql.streams.kafka_security import kafka_python_security
 from vql.streams.settings import Settings
 
@@ -45,8 +46,10 @@ def ensure_topics(settings: Settings) -> None:
     client = admin(settings.kafka_bootstrap)
     try:
         existing = set(client.list_topics())
+        # Capped at the broker count, with a WARNING (streams/durability.py).
+        durability = cluster_durability(client, settings.replication, settings.min_insync_replicas)
         new = [
-            NewTopic(name, settings.partitions, settings.replication, topic_configs=config)
+            NewTopic(name, settings.partitions, durability.replication, topic_configs=config | durability.topic_configs())
             for name, config in wanted.items()
             if name not in existing
         ]
@@ -56,6 +59,7 @@ def ensure_topics(settings: Settings) -> None:
             except TopicAlreadyExistsError:
                 pass
         described = partition_counts(client, list(wanted))
+        warn_under_replicated(client, list(wanted), durability)
     finally:
         client.close()
     inputs, states = described.get(settings.behaviors_topic), described.get(settings.states_topic)
