@@ -31,9 +31,11 @@ RESTORE_STALL_S = 30.0  # no record for this long while behind the end: a broker
 
 
 async def restore_partition(
-    store: PartitionStore, bootstrap: str, topic: str, partition: int, model_version: str, purpose: str = "assigned"
+    store: PartitionStore, bootstrap: str, topic: str, partition: int, model_version: str, purpose: str = "assigned",
+    tombstones: list | None = None,
 ) -> int:
-    """Bring ``store`` up to the end of ``topic``'s ``partition``; returns states restored.
+    """Bring ``store`` up to the end of ``topic``'s ``partition``; returns states restored;
+    the tombstones it applied go to ``tombstones`` as (key, None, headers), if given.
 
     The end is the partition's end offset read at the start: the restore stops when its
     position reaches it, never on an empty poll (a slow fetch would end it early, and a
@@ -72,6 +74,8 @@ async def restore_partition(
             reached = min(await consumer.position(tp), end)
             if reached > position:  # records, or only transaction markers: the offset moves on
                 await off_loop(_write_chunk, store, records, reached - 1, model_version, tp, counts)
+                if tombstones is not None:
+                    tombstones.extend((r.key, None, r.headers) for r in records if r.value is None)
                 position, progress = reached, time.monotonic()
             elif time.monotonic() - progress > RESTORE_STALL_S:
                 raise KafkaTimeoutError(f"no record of {tp} for {RESTORE_STALL_S:.0f} s at offset {position} "

@@ -88,6 +88,8 @@ class Publisher:
         # Each state records the partition count of its topic (streams/layout.py), so that
         # a worker started after a partition change can tell.
         self._state_headers = state_headers(states_partitions) if states_partitions else []
+        # Told (partition, first offset, count) of every acknowledged publication: TombstoneWatch.wrote.
+        self.written: Callable[[int, int, int], None] = lambda partition, first, count: None
 
     @classmethod
     async def start(cls, settings: Settings) -> "Publisher":
@@ -116,7 +118,10 @@ class Publisher:
         last offset the states reached in the states topic (the changelog offset)."""
         deliveries: list[tuple[int, int, asyncio.Future]] = []
         timestamp_ms = int(time.time() * 1000)
-        reached = await publish_tombstones(self.producer, self.settings.states_topic, result)
+        reached: dict[int, int] = {}
+        for partition, offset in await publish_tombstones(self.producer, self.settings.states_topic, result):
+            reached[partition] = max(reached.get(partition, -1), offset)
+            self.written(partition, offset, 1)
         for (partition, states, _offset), values in zip(result.writes, result.encode_wire()):
             if states is None:
                 continue
@@ -129,6 +134,7 @@ class Publisher:
             letters.append(await self.letters.send(self.settings.dlq_topic, value, key=key, headers=headers))
         for (partition, count, _future), metadata in zip(deliveries, await asyncio.gather(*(d[2] for d in deliveries))):
             reached[partition] = max(reached.get(partition, -1), metadata.offset + count - 1)
+            self.written(partition, metadata.offset, count)
         await asyncio.gather(*letters)
         return reached
 
@@ -190,6 +196,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     async def on_start(self) -> None:
         s = self.settings
         self._publisher = await Publisher.start(s)
+        self._publisher.written = self._tombstones.wrote
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=s.app_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=s.batch_size,
@@ -258,11 +265,12 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
     async def _restore(self, partition: int) -> None:
         async with self._standby_lock:
             store = await self._open_owned(partition)
-            held = store.changelog_offset()
+            tombstones: list = []
             await restore_partition(store, self.settings.kafka_bootstrap, self.settings.states_topic,
-                                    partition, self.processor.model_version)
+                                    partition, self.processor.model_version, tombstones=tombstones)
             # Bare tombstones the restore applied are answered with delete requests too.
-            self._tombstones.assigned(partition, None if held is None else held + 1)
+            restored = store.changelog_offset()
+            self._tombstones.assigned(partition, 0 if restored is None else restored + 1, tombstones)
 
     def _resume(self, partition: int) -> None:
         tp = TopicPartition(self.settings.behaviors_topic, partition)
@@ -338,7 +346,12 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         while interval and not self.should_stop:
             await self.sleep(interval)
             try:
-                for user, partition in await self._tombstones.check(self._publisher.producer):
+                reads = self._tombstones.reads
+                requested = await self._tombstones.check(self._publisher.producer)
+                if self._tombstones.reads > reads:
+                    log.info("tombstone check: read %d partition ranges that others wrote to",
+                             self._tombstones.reads - reads)
+                for user, partition in requested:
                     log.info("bare tombstone for %r on %s partition %d: delete request sent",
                              user, self.settings.states_topic, partition)
             except KafkaError as exc:

@@ -25,21 +25,19 @@ from vql.streams.processor import BatchResult
 from vql.streams.topics import producer
 
 
-async def publish_tombstones(kafka: AIOKafkaProducer, states_topic: str, result: BatchResult) -> dict[int, int]:
+async def publish_tombstones(kafka: AIOKafkaProducer, states_topic: str,
+                             result: BatchResult) -> list[tuple[int, int]]:
     """Publish a tombstone for every user ``result`` deleted, on the partition of its state,
     and wait for Kafka's acknowledgements (so that a state published after it, which
-    re-creates the user, comes after it in the log); returns, per partition, the last
-    changelog offset the tombstones reached."""
+    re-creates the user, comes after it in the log); returns (partition, offset) of each."""
     sent: list[tuple[int, asyncio.Future]] = []
     for partition, users in result.deletions.items():
         for user_id, offset in users.items():
             future = await kafka.send(states_topic, value=None, key=user_id.encode(), partition=partition,
                                       headers=tombstone_headers(offset, result.model_version))
             sent.append((partition, future))
-    reached: dict[int, int] = {}
-    for (partition, _future), metadata in zip(sent, await asyncio.gather(*(f for _p, f in sent))):
-        reached[partition] = max(reached.get(partition, -1), metadata.offset)
-    return reached
+    return [(partition, metadata.offset)
+            for (partition, _future), metadata in zip(sent, await asyncio.gather(*(f for _p, f in sent)))]
 
 
 def request_deletions(bootstrap: str, behaviors_topic: str, user_ids: Iterable[str]) -> list[tuple[str, int, int]]:
@@ -80,23 +78,48 @@ class TombstoneWatch:
     they ask for: a worker's store and cache hold the user's state, and without a request
     its next event would publish the state again.
 
-    Each owned partition is read from where its restore started (so that the tombstones a
-    restore applied are answered too) to the end, then onwards from there at every
-    :meth:`check`. What it costs: every state published is read back once (headers only
-    are looked at), a few microseconds a record."""
+    The tombstones a restore applied come with the assignment (:meth:`assigned`); then, at
+    every :meth:`check`, each owned partition's new records are read only if someone else
+    wrote some: the worker tells :meth:`wrote` which offsets it published, and a range of
+    the log that holds only those is skipped. Why: reading every state back cost 37 us of
+    CPU a 13 KB state (a fifth of what publishing it costs the worker), where comparing
+    end offsets costs one request a round."""
 
     def __init__(self, bootstrap: str, states_topic: str, behaviors_topic: str) -> None:
         self.bootstrap = bootstrap
         self.states_topic = states_topic
         self.behaviors_topic = behaviors_topic
         self.positions: dict[int, int | None] = {}  # owned partition -> next offset to read (None: the first)
+        self._own: dict[int, list[tuple[int, int]]] = {}  # partition -> (first offset, count) this worker wrote
+        self._carried: dict[int, list] = {}  # partition -> tombstones its restore applied, not yet answered
+        self._generation: dict[int, int] = {}  # partition -> assignments so far: a check spans one
+        self.reads = 0  # partition ranges read, for tests and logs
 
-    def assigned(self, partition: int, start: int | None) -> None:
+    def assigned(self, partition: int, start: int | None, tombstones: Sequence = ()) -> None:
+        """A partition restored up to ``start`` (exclusive; None: nothing in it), with the
+        tombstones (key, None, headers) its restore applied."""
         self.positions[partition] = start
+        self._generation[partition] = self._generation.get(partition, 0) + 1
+        self._own[partition] = []
+        self._carried[partition] = list(tombstones)
 
     def revoked(self, partitions: Iterable[int]) -> None:
         for partition in partitions:
             self.positions.pop(partition, None)
+            self._own.pop(partition, None)
+            self._carried.pop(partition, None)
+
+    def wrote(self, partition: int, first: int, count: int) -> None:
+        """This worker's publication of ``count`` records from offset ``first`` was acknowledged."""
+        if partition in self._own:
+            self._own[partition].append((first, count))
+
+    def _foreign(self, partition: int, start: int | None, end: int) -> bool:
+        """Whether [start, end) of the partition may hold a record this worker did not write."""
+        if start is None:
+            return end > 0
+        own = sum(max(0, min(first + count, end) - max(first, start)) for first, count in self._own[partition])
+        return end - start != own
 
     async def check(self, kafka: AIOKafkaProducer) -> list[tuple[str, int]]:
         """Read what is new on the owned partitions and send a delete request for every bare
@@ -104,15 +127,21 @@ class TombstoneWatch:
         if not self.positions:
             return []
         partitions = dict(self.positions)
+        generation = dict(self._generation)
+        found: dict[int, list] = {p: self._carried.get(p, []) for p in partitions}
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None,
                                     auto_offset_reset="earliest", max_partition_fetch_bytes=32 * 1024 * 1024,
-                                    fetch_max_bytes=64 * 1024 * 1024, **aiokafka_security())
+                                    fetch_max_bytes=64 * 1024 * 1024, check_crcs=False,
+                                    **aiokafka_security())
         await consumer.start()
-        found: dict[int, list] = {}
         try:
             tps = [TopicPartition(self.states_topic, p) for p in partitions]
-            consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
+            tps = [tp for tp in tps if tp.partition in self._own and
+                   self._foreign(tp.partition, partitions[tp.partition], ends[tp])]
+            self.reads += len(tps)
+            if tps:
+                consumer.assign(tps)
             for tp in tps:
                 start = partitions[tp.partition]
                 if start is None:
@@ -138,6 +167,8 @@ class TombstoneWatch:
                                                                partition=partition, headers=headers)))
         await asyncio.gather(*(future for _u, _p, future in sent))
         for tp, end in ends.items():
-            if tp.partition in self.positions:  # still owned
+            if tp.partition in self.positions and self._generation[tp.partition] == generation[tp.partition]:
                 self.positions[tp.partition] = end
+                self._own[tp.partition] = [(f, c) for f, c in self._own[tp.partition] if f + c > end]
+                self._carried[tp.partition] = []
         return [(user, partition) for user, partition, _f in sent]

@@ -224,3 +224,17 @@ def test_store_markers_give_deleted_users_the_request_offset(tmp_path):
     assert batch.applied_offset.tolist() == [11, -1] and batch.event_count.tolist() == [0, 0]
     assert full_state_bytes(cfg.groups, cfg.codes, cfg.rates, cfg.group_dim, 0, np.float64) > 0
     proc.close()
+
+
+def test_the_watch_reads_only_ranges_someone_else_wrote():
+    from vql.streams.deletion import TombstoneWatch
+
+    watch = TombstoneWatch("unused", "states", "behaviors")
+    watch.assigned(0, 10)
+    watch.wrote(0, 10, 5)
+    watch.wrote(0, 15, 1)
+    assert not watch._foreign(0, 10, 16)  # all the worker's own
+    assert watch._foreign(0, 10, 17)  # one record more: an operator's, a zombie's
+    assert watch._foreign(0, 8, 16)  # the two before the worker's
+    watch.assigned(1, None)
+    assert not watch._foreign(1, None, 0) and watch._foreign(1, None, 3)

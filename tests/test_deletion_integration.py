@@ -142,6 +142,9 @@ def test_a_bare_tombstone_deletes_the_user_in_the_owners_store(kafka_bootstrap, 
         pipeline.start_worker(tombstone_check_interval_s=1.0)
         total = produce(pipeline, records)
         pipeline.wait_until_committed(total)
+        time.sleep(3)  # checks while only the worker writes the states topic read nothing back
+        log = settings.data_dir / "worker-0.log"
+        assert "tombstone check: read" not in log.read_text()
         partition_of = {key.decode(): p for p, _o, key, value, _h in read_topic(kafka_bootstrap, settings.states_topic)
                         if value is not None}
         victim = sorted(partition_of)[0]
@@ -158,6 +161,7 @@ def test_a_bare_tombstone_deletes_the_user_in_the_owners_store(kafka_bootstrap, 
         later = [(k, v) for k, v in generate(DemoSpec(users=60, mean_events=10, heavy_users=0, seed=9),
                                              int(time.time() * 1000)) if k == victim.encode()][:1]
         assert later
+        assert "tombstone check: read 1 partition ranges" in log.read_text()
         total += 1 + produce(pipeline, later)
         pipeline.wait_until_committed(total)
         verify(pipeline, set(), {victim: len(records_of(records, victim)) + 1}, "bare tombstone")

@@ -27,12 +27,12 @@ if _FAULT:
 
     _restore = changelog.restore_partition
 
-    async def _faulty_restore(store, bootstrap, topic, partition, model_version, purpose="assigned"):
+    async def _faulty_restore(store, bootstrap, topic, partition, model_version, purpose="assigned", **options):
         if purpose == "assigned":
             if _FAULT.startswith("kafka:") and Path(_FAULT[len("kafka:"):]).exists():
                 raise KafkaConnectionError(f"injected: no connection to the leader of {topic}-{partition}")
             if _FAULT == "store":
                 raise StoreError(f"injected: cannot write the store at {store.path}")
-        return await _restore(store, bootstrap, topic, partition, model_version, purpose)
+        return await _restore(store, bootstrap, topic, partition, model_version, purpose, **options)
 
     changelog.restore_partition = _faulty_restore
