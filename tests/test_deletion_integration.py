@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness import Pipeline, compare, recompute
-from test_pipeline_integration import produce, rewind_group
+from test_pipeline_integration import free_port, http_get, produce, rewind_group
 from vql.model.artifact import load_artifact
 from vql.schemas.control import deleted_offset, is_control
 from vql.serving.follower import StateFollower
@@ -77,8 +77,9 @@ def test_delete_user_while_events_flow_survives_redelivery_and_restore(kafka_boo
     gone = set(sorted(gone)[:3])
     reborn = {u: len(records_of(records, u)) for u in sorted(reborn)[:2]}
     assert len(gone) == 3 and len(reborn) == 2
+    port = free_port()
     try:
-        pipeline.start_worker()
+        pipeline.start_worker(web_port=port)
         total = produce(pipeline, first[: len(first) // 2])
         pipeline.wait_until_committed(1)  # the worker consumes while the rest arrives
         total += produce(pipeline, first[len(first) // 2:])
@@ -89,6 +90,8 @@ def test_delete_user_while_events_flow_survives_redelivery_and_restore(kafka_boo
         total += produce(pipeline, second)
         pipeline.wait_until_committed(total)
         verify(pipeline, gone, reborn, "live")
+        status, metrics = http_get(port, "/metrics")
+        assert status == 200 and b"vql_users_deleted_total 5.0" in metrics
 
         # The states topic says so with the worker's tombstones.
         tombstones = {key.decode(): headers for _p, _o, key, value, headers in
