@@ -52,6 +52,9 @@ EVENT_SCHEMA = pa.schema(
 # File metadata of an export: {partition: last offset read}, rejected records included, so
 # that a replay of the file ends each partition where a replay of the topic would.
 LAST_OFFSETS = "vql.last_offsets"
+# File metadata of an export: the partition count of the topic it read, against which a file
+# replay judges each row's partition (schemas/placement.py).
+SOURCE_PARTITIONS = "vql.source_partitions"
 EXPORT_SCHEMA = pa.schema(list(EVENT_SCHEMA) + SOURCE_FIELDS, metadata=EVENT_SCHEMA.metadata)
 
 

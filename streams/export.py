@@ -23,13 +23,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from vql.schemas.arrow import EXPORT_SCHEMA, LAST_OFFSETS, state_schema
+from vql.schemas.arrow import EXPORT_SCHEMA, LAST_OFFSETS, SOURCE_PARTITIONS, state_schema
 from vql.schemas.control import DeleteUser, decode_control, is_control
 from vql.schemas.decode import EventPolicy, Rejection, decode_event
 from vql.schemas.events import BehaviorEvent
+from vql.schemas.placement import misplaced
 from vql.schemas.user_state import StateFormatError, UserState, decode_user_state
 from vql.streams.replay_files import read_events
-from vql.streams.topics import latest_by_key, produce_all, read_topic
+from vql.streams.topics import latest_by_key, produce_all, read_topic, topic_partitions
 
 ROW_GROUP = 65_536
 
@@ -43,11 +44,15 @@ def export_events(bootstrap: str, topic: str, out: Path, policy: EventPolicy,
     now_ms = int(time.time() * 1000)
     written = 0
     last: dict[int, int] = {}  # partition -> last offset read, rejected records included
+    partitions = topic_partitions(bootstrap, topic)
     with pq.ParquetWriter(out, EXPORT_SCHEMA) as writer, \
             tqdm(desc=f"export {topic}", unit="ev", unit_scale=True, disable=not progress) as bar:
         rows: list[tuple[BehaviorEvent, int, int, int]] = []
         for partition, offset, key, value, headers, timestamp in read_topic(bootstrap, topic, with_timestamps=True):
             last[partition] = offset
+            if partitions and (wrong := misplaced([key], np.array([partition]), partitions).get(0)):
+                rejected[wrong.reason.value] += 1  # the worker dead-letters it (schemas/placement.py)
+                continue
             if is_control(headers):
                 request = decode_control(key, value, headers)
                 if isinstance(request, DeleteUser):
@@ -69,15 +74,17 @@ def export_events(bootstrap: str, topic: str, out: Path, policy: EventPolicy,
             writer.write_table(_event_table(rows))
             written += len(rows)
             bar.update(len(rows))
-        writer.add_key_value_metadata({LAST_OFFSETS: json.dumps(last)})
+        metadata = {LAST_OFFSETS: json.dumps(last), SOURCE_PARTITIONS: str(partitions)}
+        writer.add_key_value_metadata(metadata)
     if deletes:
-        written = _drop_deleted(out, deletes, last)
+        written = _drop_deleted(out, deletes, metadata)
     return written, rejected
 
 
-def _drop_deleted(path: Path, deletes: dict[str, tuple[int, int]], last: dict[int, int]) -> int:
-    """Rewrite the export at ``path`` without the events at or before their user's last
-    delete request (on the request's partition); returns the rows kept. A second pass over
+def _drop_deleted(path: Path, deletes: dict[str, tuple[int, int]], metadata: dict[str, str]) -> int:
+    """Rewrite the export at ``path`` (with its file ``metadata``) without the events at or
+    before their user's last delete request (on the request's partition); returns the rows
+    kept. A second pass over
     the file, not the topic: deletions are known only once the whole topic is read."""
     users = pa.array(list(deletes), pa.string())
     partitions = np.array([p for p, _o in deletes.values()], np.int64)
@@ -96,7 +103,7 @@ def _drop_deleted(path: Path, deletes: dict[str, tuple[int, int]], last: dict[in
             table = table.filter(pa.array(~deleted))
             writer.write_table(table)
             kept += table.num_rows
-        writer.add_key_value_metadata({LAST_OFFSETS: json.dumps(last)})
+        writer.add_key_value_metadata(metadata)
     staged.replace(path)
     return kept
 

@@ -184,7 +184,7 @@ async def close_sink(sink: StateSink, failed: bool = False) -> None:
     if failed and sink.publisher:
         sink.processor.discard()
     if sink.publisher:
-        await sink.publisher.producer.stop()
+        await sink.publisher.stop()  # its dead-letter producer too
 
 
 def partition_count(settings: Settings, topic: str) -> int:

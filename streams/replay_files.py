@@ -31,15 +31,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from kafka.partitioner.default import murmur2
 
 from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns, hash_buckets
 from vql.model.state import fold_events
-from vql.schemas.arrow import LAST_OFFSETS, FileSchemaError, conform_events, validate_events
+from vql.schemas.arrow import LAST_OFFSETS, SOURCE_PARTITIONS, FileSchemaError, conform_events, validate_events
 from vql.schemas.decode import Reason
 from vql.schemas.event_time import NO_TIMESTAMP, fold_time_s, judged_against_ms
 from vql.schemas.events import Action, Modality
+from vql.schemas.placement import partitions_of
 from vql.streams.jobs import cpu_seconds, deal, default_jobs, safe_jobs
 from vql.streams.processor import BatchProcessor, BatchResult
 from vql.streams.replay import (
@@ -119,7 +119,28 @@ def encode_distinct(model: VQLModel, columns: BehaviorColumns) -> tuple[np.ndarr
 
 def user_partitions(user_ids: np.ndarray, partitions: int) -> np.ndarray:
     """Kafka's default partitioner (murmur2 of the key), once per distinct user."""
-    return np.array([(murmur2(u.encode()) & 0x7FFFFFFF) % partitions for u in user_ids], np.int64)
+    return partitions_of([u.encode() for u in user_ids.tolist()], partitions)
+
+
+def source_partitions(paths: Sequence[Path]) -> int | None:
+    """The partition count of the topic an export read (its file metadata; None without, or
+    when the files disagree)."""
+    counts = set()
+    for path in paths:
+        metadata = (pq.read_metadata(path).metadata or {}) if _format(path) == "parquet" else {}
+        counts.add(int(metadata[SOURCE_PARTITIONS.encode()]) if SOURCE_PARTITIONS.encode() in metadata else None)
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _reject_misplaced(reason: np.ndarray, user: pa.DictionaryArray, partition: pa.ChunkedArray,
+                      partitions: int) -> None:
+    """Mark the valid rows not on their user's partition of ``partitions`` as wrong_partition
+    (in ``reason``), as the worker dead-letters such records: a replay folds what it would."""
+    rows = np.flatnonzero(reason < 0)
+    expected = user_partitions(user.dictionary.to_numpy(zero_copy_only=False), partitions)
+    found = partition.to_numpy().astype(np.int64)[rows]
+    wrong = expected[user.indices.fill_null(0).to_numpy()[rows]] != found
+    reason[rows[wrong]] = list(Reason).index(Reason.WRONG_PARTITION)
 
 
 @dataclass
@@ -193,9 +214,13 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
     stamps = _record_timestamps(table)
     reason = validate_events(table, judged_against_ms(now_ms or int(time.time() * 1000), stamps), policy)
     user = _dictionary(table.column("user_id"))  # hashing in Arrow, not Python; null for a bad row
+    exported = _has_offsets(table.filter(pa.array(reason < 0)))
+    source = source_partitions(paths) if exported else None
+    if source is not None:  # an export that says its topic's count: judge the rows' partitions
+        reason = reason.copy()
+        _reject_misplaced(reason, user, table.column("partition"), source)
     valid = reason < 0
     table = table.filter(pa.array(valid))
-    exported = _has_offsets(table)
     # The duplicate-id check (Arrow's hashing, numpy's sort) and encoding the valid rows (torch)
     # each run mostly without the GIL, so they share the cores: 1.5 and 1.3 s one after the
     # other for 2 M events. Rows found repeated were encoded for nothing; they are rare.
@@ -221,7 +246,7 @@ def _prepare(paths: Sequence[Path], settings: Settings, model: VQLModel,
     if exported:
         partition = table.column("partition").to_numpy().astype(np.int64)
         offsets = table.column("offset").to_numpy()
-        partitions = max(settings.partitions, int(partition.max(initial=-1)) + 1)
+        partitions = source or max(settings.partitions, int(partition.max(initial=-1)) + 1)
     else:
         partitions = settings.partitions
         partition = user_partitions(users, partitions)[owner]

@@ -82,6 +82,15 @@ def partition_counts(client: KafkaAdminClient, topics: list[str], timeout_s: flo
         time.sleep(0.2)
 
 
+def topic_partitions(bootstrap: str, topic: str) -> int:
+    """The partition count of ``topic`` (0 when it does not exist)."""
+    client = reader(bootstrap)
+    try:
+        return len(client.partitions_for_topic(topic) or ())
+    finally:
+        client.close()
+
+
 def producer(bootstrap: str) -> KafkaProducer:
     """A producer tuned for throughput with acks from all in-sync replicas."""
     return KafkaProducer(

@@ -7,7 +7,8 @@ from __future__ import annotations
 import subprocess
 import time
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from kafka.admin import NewPartitions
 
@@ -18,6 +19,9 @@ from vql.schemas.placement import partition_of
 from vql.serving.follower import StateFollower
 from vql.serving.store import StateStore
 from vql.streams.demo import read_states
+from vql.streams.export import export_events
+from vql.streams.replay import run_replay_topic
+from vql.streams.replay_files import run_replay_files, source_partitions
 from vql.streams.demo_events import DemoSpec, generate
 from vql.streams.layout import PARTITIONS_HEADER
 from vql.streams.topics import admin, producer, read_topic
@@ -56,21 +60,27 @@ def refused(pipeline: Pipeline, **overrides) -> str:
     return pipeline.worker_logs()
 
 
-def test_keyless_and_misplaced_records_are_dead_lettered(kafka_bootstrap, tmp_path):
-    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=3)
+def produce_with_strays(pipeline: Pipeline) -> tuple[list, bytes, bytes, int]:
+    """Good events on 3 partitions, then a keyless one, on partition 0, and a user's event on
+    the partition after its own (as a client with another partitioner would place it), both
+    repeats of good ones: (good, keyless value, stray value, the stray's partition)."""
     good = list(generate(DemoSpec(users=30, mean_events=10, heavy_users=0, seed=11), int(time.time() * 1000)))
-    sent = produce(pipeline, good)
-    # A keyless event, on partition 0, and a user's event on the partition after its own (as a
-    # client with another partitioner would place it).
-    keyless_key, keyless = good[0]
+    produce(pipeline, good)
+    _key, keyless = good[0]
     stray_key, stray = good[1]
     elsewhere = (partition_of(stray_key, 3) + 1) % 3
-    client = producer(kafka_bootstrap)
+    client = producer(pipeline.settings.kafka_bootstrap)
     client.send(pipeline.settings.behaviors_topic, key=None, value=keyless, partition=0)
     client.send(pipeline.settings.behaviors_topic, key=stray_key, value=stray, partition=elsewhere)
     client.flush()
     client.close()
-    run_until_committed(pipeline, sent + 2)
+    return good, keyless, stray, elsewhere
+
+
+def test_keyless_and_misplaced_records_are_dead_lettered(kafka_bootstrap, tmp_path):
+    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=3)
+    good, keyless, stray, elsewhere = produce_with_strays(pipeline)
+    run_until_committed(pipeline, len(good) + 2)
 
     letters = [(value, dict(headers)) for _p, _o, _k, value, headers in read_topic(kafka_bootstrap,
                                                                                    pipeline.settings.dlq_topic)]
@@ -80,6 +90,40 @@ def test_keyless_and_misplaced_records_are_dead_lettered(kafka_bootstrap, tmp_pa
     result = compare(pipeline.settings, pipeline.published(), expected.states)
     # The stray event (a repeat of good[1]) would have counted: only the good events did.
     assert result.ok and result.events_published == len(good), result.summary()
+
+
+def test_replays_and_exports_leave_out_keyless_and_misplaced_records(kafka_bootstrap, tmp_path):
+    pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=3)
+    good, _keyless, _stray, _elsewhere = produce_with_strays(pipeline)
+    model, version = VQLModel.load(pipeline.settings.model_path)
+    expected = recompute(pipeline.settings).states
+
+    target = pipeline.settings.model_copy(update={"data_dir": tmp_path / "topic",
+                                                  "states_topic": pipeline.settings.states_topic + ".replay"})
+    report = run_replay_topic(target, model, version, jobs=1, progress=False)
+    assert report.dead_letters == {"missing_key": 1, "wrong_partition": 1}, report.dead_letters
+    result = compare(pipeline.settings, Pipeline(target).published(), expected)
+    assert result.ok and result.events_published == len(good), result.summary()
+
+    out = tmp_path / "events.parquet"
+    written, rejected = export_events(kafka_bootstrap, pipeline.settings.behaviors_topic, out,
+                                      pipeline.settings.event_policy(), progress=False)
+    assert written == len(good) and rejected == {"missing_key": 1, "wrong_partition": 1}
+    assert source_partitions([out]) == 3
+    # A file whose row claims another partition than its user's is judged as the worker would.
+    table = pq.read_table(out)
+    moved = table.column("partition").to_numpy().copy()
+    moved[0] = (moved[0] + 1) % 3
+    tampered = tmp_path / "tampered.parquet"
+    with pq.ParquetWriter(tampered, table.schema) as writer:
+        writer.write_table(table.set_column(table.column_names.index("partition"), "partition",
+                                            pa.array(moved, table.schema.field("partition").type)))
+        writer.add_key_value_metadata({k: v for k, v in pq.read_metadata(out).metadata.items()
+                                       if k.startswith(b"vql.")})
+    assert source_partitions([tampered]) == 3
+    files = pipeline.settings.model_copy(update={"data_dir": tmp_path / "files"})
+    report = run_replay_files([tampered], files, model, version, jobs=1, progress=False)
+    assert report.dead_letters == {"wrong_partition": 1}, report.dead_letters
 
 
 def test_a_worker_refuses_to_start_after_the_partition_count_changed(kafka_bootstrap, tmp_path):
