@@ -13,7 +13,12 @@ object. :class:`KafkaSecurity` makes all three from one typed description.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +80,12 @@ class KafkaSecurity(BaseSettings):
         context.check_hostname = self.ssl_check_hostname
         return context
 
+    def describe(self) -> str:
+        """How this client authenticates, for error messages (never the password)."""
+        if self.uses_sasl:
+            return f"{self.security_protocol}, {self.sasl_mechanism} as {self.sasl_username!r}"
+        return self.security_protocol
+
     def _sasl(self) -> dict[str, Any]:
         if not self.uses_sasl:
             return {}
@@ -127,3 +138,69 @@ def aiokafka_security(security: KafkaSecurity | None = None) -> dict[str, Any]:
 def kafka_python_security(security: KafkaSecurity | None = None) -> dict[str, Any]:
     """:meth:`KafkaSecurity.kafka_python` of ``security``, or of the environment's settings."""
     return (security or KafkaSecurity()).kafka_python()
+
+
+# What the broker said when it refused a client: kafka-python and aiokafka log it (a wrong
+# password, an untrusted certificate, TLS against a plaintext port) and then raise only
+# "unable to bootstrap". Most telling first.
+_REFUSALS = ("authenticationfailed", "authentication failed", "certificate", "handshake failed")
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def connection_failures() -> Iterator[list[str]]:
+    """The Kafka clients' connection warnings and errors logged while the block runs."""
+    recorder = _Recorder()
+    loggers = [logging.getLogger("kafka"), logging.getLogger("aiokafka")]
+    for logger in loggers:
+        logger.addHandler(recorder)
+    try:
+        yield recorder.messages
+    finally:
+        for logger in loggers:
+            logger.removeHandler(recorder)
+
+
+def refusal(messages: list[str]) -> str | None:
+    """The last of ``messages`` that says the broker refused the client's credentials or TLS
+    handshake, by the most telling sign; None when none does (no broker, say)."""
+    for sign in _REFUSALS:
+        found = next((m for m in reversed(messages) if sign in m.lower()), None)
+        if found is not None:
+            return found
+    return None
+
+
+def probe_refusal(bootstrap: str, security: KafkaSecurity | None = None, timeout_s: float = 15.0) -> str | None:
+    """Why the broker refuses this client's credentials, asked with aiokafka (None if it does
+    not). kafka-python may see only a closed socket after a failed SASL handshake, the
+    broker's reason racing the disconnect; aiokafka reads the reason and logs it. Runs in a
+    thread of its own, so that a caller inside an event loop can use it too."""
+    from aiokafka import AIOKafkaConsumer  # only on this failure path: serving needs no aiokafka
+    from aiokafka.errors import KafkaError
+
+    security = security or KafkaSecurity()
+
+    async def connect() -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000),
+                                    **security.aiokafka())
+        try:
+            await asyncio.wait_for(consumer.start(), timeout_s)
+        except (KafkaError, asyncio.TimeoutError, OSError):
+            pass
+        finally:
+            await consumer.stop()
+
+    with connection_failures() as failures:
+        probe = threading.Thread(target=asyncio.run, args=(connect(),), name="vql-kafka-probe", daemon=True)
+        probe.start()
+        probe.join(timeout_s + 5)
+    return refusal(failures)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
@@ -11,7 +12,8 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from tqdm import tqdm
 
 from vql.streams.durability import cluster_durability, warn_under_replicated
-from vql.streams.kafka_security import kafka_python_security
+from vql.streams.kafka_security import (KafkaSecurity, connection_failures, kafka_python_security, probe_refusal,
+                                        refusal)
 from vql.streams.settings import Settings
 
 
@@ -19,10 +21,35 @@ class BrokerUnavailable(RuntimeError):
     """No Kafka broker answered at the configured address."""
 
 
+class CredentialsRefused(BrokerUnavailable):
+    """A broker answered but refused this client's SASL credentials or TLS handshake."""
+
+
+@contextmanager
+def refusals_explained(bootstrap: str) -> Iterator[None]:
+    """Within: a client that cannot connect because the broker refused its credentials or
+    TLS handshake raises :class:`CredentialsRefused` with the broker's reason, instead of
+    kafka-python's "unable to bootstrap" (the reason, when it has one, is only logged)."""
+    security = KafkaSecurity()
+    with connection_failures() as failures:
+        try:
+            yield
+        except KafkaError as exc:
+            reason = refusal(failures)
+            if reason is None and security.security_protocol != "PLAINTEXT":
+                reason = probe_refusal(bootstrap, security)
+            if reason is None:
+                raise
+            raise CredentialsRefused(
+                f"the Kafka broker at {bootstrap} refused this client ({security.describe()}): {reason} "
+                "(check the VQL_KAFKA_* settings: docs/security.md)") from exc
+
+
 def admin(bootstrap: str) -> KafkaAdminClient:
     try:
-        return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vql-admin", request_timeout_ms=15000,
-                                **kafka_python_security())
+        with refusals_explained(bootstrap):
+            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="vql-admin", request_timeout_ms=15000,
+                                    **kafka_python_security())
     except KafkaError as exc:
         raise BrokerUnavailable(
             f"no Kafka broker answers at {bootstrap} (start one: bash deploy/kafka/broker.sh start)"
@@ -93,15 +120,16 @@ def topic_partitions(bootstrap: str, topic: str) -> int:
 
 def producer(bootstrap: str) -> KafkaProducer:
     """A producer tuned for throughput with acks from all in-sync replicas."""
-    return KafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        linger_ms=20,
-        batch_size=256 * 1024,
-        compression_type=None,
-        max_request_size=16 * 1024 * 1024,
-        **kafka_python_security(),
-    )
+    with refusals_explained(bootstrap):
+        return KafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=20,
+            batch_size=256 * 1024,
+            compression_type=None,
+            max_request_size=16 * 1024 * 1024,
+            **kafka_python_security(),
+        )
 
 
 def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]],
@@ -126,15 +154,16 @@ def reader(bootstrap: str, **options) -> KafkaConsumer:
     """A group-less consumer that reads topics from the beginning and commits nothing: the
     readers of this project (tools, tests, ranking backends' state views) track their own
     positions. Fetch limits fit the largest records here (states, dead letters)."""
-    return KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_partition_fetch_bytes=16 * 1024 * 1024,
-        fetch_max_bytes=64 * 1024 * 1024,
-        **kafka_python_security(),
-        **options,
-    )
+    with refusals_explained(bootstrap):
+        return KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            **kafka_python_security(),
+            **options,
+        )
 
 
 def read_topic(bootstrap: str, topic: str, idle_s: float = 2.0, with_timestamps: bool = False) -> Iterator[tuple]:

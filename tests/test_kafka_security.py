@@ -5,6 +5,7 @@ cluster."""
 from __future__ import annotations
 
 import ast
+import logging
 import ssl
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from faust.auth import SASLCredentials, SSLCredentials
 from pydantic import ValidationError
 
-from vql.streams.kafka_security import KafkaSecurity
+from vql.streams.kafka_security import KafkaSecurity, connection_failures, refusal
 
 ROOT = Path(__file__).resolve().parents[1]
 AIOKAFKA_CLIENTS = {"AIOKafkaConsumer", "AIOKafkaProducer", "AIOKafkaAdminClient"}
@@ -127,3 +128,24 @@ def test_ssl_only(ca_file):
 def test_incomplete_or_unknown_settings_are_refused(settings, message):
     with pytest.raises(ValidationError, match=message):
         KafkaSecurity(**settings)
+
+
+def test_a_refusal_is_told_from_an_absent_broker():
+    logged = ["Bootstrap connection to bootstrap-0 failed: KafkaConnectionError: socket disconnected",
+              "<KafkaSSLTransport [127.0.0.1:9094<-1]>: Abort (KafkaConnectionError: socket disconnected)",
+              "Bootstrap connection to bootstrap-0 failed: [Error 58] SaslAuthenticationFailedError: "
+              "Authentication failed: Invalid username or password (backoff 0.44 secs)",
+              "<KafkaSSLTransport [127.0.0.1:9094<-2]>: socket disconnected"]
+    assert "Invalid username or password" in refusal(logged)
+    assert "CERTIFICATE_VERIFY_FAILED" in refusal(["Connection failed: KafkaConnectionError: Handshake failed: "
+                                                    "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed"])
+    assert refusal(logged[:2] + ["Connection failed: KafkaConnectionError: 111 ECONNREFUSED"]) is None
+
+
+def test_connection_failures_collects_the_clients_warnings():
+    with connection_failures() as seen:
+        logging.getLogger("kafka.net.manager").warning("Bootstrap connection to %s failed", "bootstrap-0")
+        logging.getLogger("aiokafka.conn").error("Unable connect to %r", "127.0.0.1:9094")
+        logging.getLogger("kafka.net.manager").info("chatter")
+    logging.getLogger("kafka.net.manager").warning("after the block")
+    assert seen == ["Bootstrap connection to bootstrap-0 failed", "Unable connect to '127.0.0.1:9094'"]

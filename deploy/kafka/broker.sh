@@ -27,6 +27,17 @@
 #   VQL_KAFKA_STOP_TIMEOUT    seconds stop allows before SIGKILL       30
 #   JAVA_HOME                 used when set, else `java` on PATH
 #
+# An opt-in SASL_SSL listener (off unless VQL_KAFKA_SASL_SSL_PORT is set), beside PLAINTEXT:
+#   VQL_KAFKA_SASL_SSL_PORT   its port (advertised as 127.0.0.1:$VQL_KAFKA_SASL_SSL_PORT)
+#   VQL_KAFKA_SASL_USERS      user:password[,user:password...]   vql:vql-secret
+#                             PLAIN users go into the listener's JAAS config; SCRAM-SHA-256 and
+#                             SCRAM-SHA-512 credentials are written when the storage is first
+#                             formatted (kafka-storage format --add-scram): reset to change them
+#   VQL_KAFKA_TLS_DIR         certificates  $VQL_KAFKA_STATE/tls
+#                             made on first start with openssl: a CA (ca.pem: what clients
+#                             trust, VQL_KAFKA_SSL_CAFILE) and the broker's certificate for
+#                             127.0.0.1 and localhost, signed by it, in a PKCS12 keystore
+#
 # Linux only (setsid, flock, /proc); the state dir and jar cache live outside the repo.
 set -euo pipefail
 
@@ -47,6 +58,9 @@ HEAP="${VQL_KAFKA_HEAP:--Xmx512m -Xms512m}"
 JVM_OPTS="${VQL_KAFKA_JVM_OPTS:-}"
 WAIT_TIMEOUT="${VQL_KAFKA_WAIT_TIMEOUT:-90}"
 STOP_TIMEOUT="${VQL_KAFKA_STOP_TIMEOUT:-30}"
+SASL_SSL_PORT="${VQL_KAFKA_SASL_SSL_PORT:-}"
+SASL_USERS="${VQL_KAFKA_SASL_USERS:-vql:vql-secret}"
+TLS_DIR="${VQL_KAFKA_TLS_DIR:-$STATE/tls}"
 
 LIB="$KAFKA_HOME/lib"
 # Written only after a complete copy: a half-finished download never looks usable.
@@ -164,9 +178,79 @@ cmd_wait() {
   say "ready on $HOST:$PORT after $((SECONDS - t0)) s"
 }
 
+# ---------------------------------------------------------------------------- SASL_SSL
+
+# The users as "name password" lines (letters, digits and ._- in names; also ~!@#%^*+ in
+# passwords: nothing that would need quoting in JAAS or in StorageTool's --add-scram).
+sasl_users() {
+  local pair pairs re='^[A-Za-z0-9._-]+:[A-Za-z0-9._~!@#%^*+-]+$'
+  IFS=',' read -ra pairs <<<"$SASL_USERS"
+  for pair in "${pairs[@]}"; do
+    [[ "$pair" =~ $re ]] || die "VQL_KAFKA_SASL_USERS: '$pair' is not user:password"
+    echo "${pair%%:*} ${pair#*:}"
+  done
+}
+
+# A CA and a broker certificate signed by it, made once per TLS dir. The keystore password
+# is random and kept beside it (the dir is the broker's own; clients need only ca.pem).
+make_certs() {
+  [[ -f "$TLS_DIR/broker.p12" && -f "$TLS_DIR/ca.pem" ]] && return 0
+  command -v openssl >/dev/null || die "openssl is needed to make the SASL_SSL listener's certificates"
+  mkdir -p "$TLS_DIR"
+  local t="$TLS_DIR"
+  say "making a CA and a broker certificate in $t"
+  {
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=vql-stream local CA" \
+      -keyout "$t/ca.key" -out "$t/ca.pem"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$HOST" -keyout "$t/broker.key" -out "$t/broker.csr"
+    printf 'subjectAltName=IP:%s,DNS:localhost\nextendedKeyUsage=serverAuth\n' "$HOST" >"$t/broker.ext"
+    openssl x509 -req -in "$t/broker.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial -days 3650 \
+      -extfile "$t/broker.ext" -out "$t/broker.pem"
+    openssl rand -hex 16 >"$t/keystore.password"
+    openssl pkcs12 -export -in "$t/broker.pem" -inkey "$t/broker.key" -certfile "$t/ca.pem" -name broker \
+      -passout "file:$t/keystore.password" -out "$t/broker.p12.tmp"
+  } >"$t/openssl.log" 2>&1 || { cat "$t/openssl.log" >&2; die "making the certificates failed"; }
+  mv "$t/broker.p12.tmp" "$t/broker.p12"
+}
+
+# server.properties lines of the SASL_SSL listener (PLAIN and both SCRAM mechanisms).
+sasl_ssl_configs() {
+  local plain="org.apache.kafka.common.security.plain.PlainLoginModule required"
+  local name password
+  while read -r name password; do plain+=" user_$name=\"$password\""; done < <(sasl_users)
+  cat <<EOF
+
+# The opt-in SASL_SSL listener (VQL_KAFKA_SASL_SSL_PORT): TLS with the certificate of
+# $TLS_DIR, users by PLAIN (below) or SCRAM (written at format time).
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.ssl.keystore.type=PKCS12
+listener.name.sasl_ssl.ssl.keystore.location=$TLS_DIR/broker.p12
+listener.name.sasl_ssl.ssl.keystore.password=$(<"$TLS_DIR/keystore.password")
+listener.name.sasl_ssl.plain.sasl.jaas.config=$plain;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+EOF
+}
+
+# StorageTool arguments that write every user's SCRAM credentials into the new cluster.
+scram_format_args() {
+  [[ -n "$SASL_SSL_PORT" ]] || return 0
+  local name password mechanism
+  while read -r name password; do
+    for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+      printf '%s\n' --add-scram "$mechanism=[name=$name,password=$password]"
+    done
+  done < <(sasl_users)
+}
+
 # ---------------------------------------------------------------------------- start
 
 write_configs() {
+  local listeners="PLAINTEXT://$HOST:$PORT" protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+  if [[ -n "$SASL_SSL_PORT" ]]; then
+    listeners+=",SASL_SSL://$HOST:$SASL_SSL_PORT"
+    protocols+=",SASL_SSL:SASL_SSL"
+  fi
   # Rewritten on every start so that the knobs (ports) take effect; the data stays.
   cat >"$PROPS" <<EOF
 # Generated by deploy/kafka/broker.sh on every start: edit the script, not this file.
@@ -175,10 +259,10 @@ process.roles=broker,controller
 node.id=$NODE_ID
 controller.quorum.voters=$NODE_ID@$HOST:$CONTROLLER_PORT
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://$HOST:$PORT,CONTROLLER://$HOST:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$PORT
+listeners=$listeners,CONTROLLER://$HOST:$CONTROLLER_PORT
+advertised.listeners=$listeners
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=$protocols
 log.dirs=$DATA
 
 # One node: every internal topic must be satisfied by a single replica.
@@ -208,6 +292,7 @@ replica.fetch.max.bytes=16777216
 num.network.threads=2
 num.io.threads=4
 EOF
+  if [[ -n "$SASL_SSL_PORT" ]]; then sasl_ssl_configs >>"$PROPS"; fi
 
   # Everything goes to the console appender, which the launch redirects into $LOG.
   # kafka.* is chatty at INFO (it prints every config value), so it is held at WARN,
@@ -232,8 +317,10 @@ format_storage_once() {
   local cluster_id
   cluster_id=$("$JAVA" -Dlog4j.configuration="file:$LOG4J" -cp "$LIB/*" kafka.tools.StorageTool random-uuid)
   say "formatting KRaft storage in $DATA (cluster id $cluster_id)"
+  local scram=()
+  mapfile -t scram < <(scram_format_args)
   "$JAVA" -Dlog4j.configuration="file:$LOG4J" -cp "$LIB/*" \
-    kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPS" >"$STATE/format.log" 2>&1 ||
+    kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPS" "${scram[@]}" >"$STATE/format.log" 2>&1 ||
     { cat "$STATE/format.log" >&2; die "formatting the storage failed"; }
 }
 
@@ -279,12 +366,13 @@ cmd_start() {
     # Something else on our ports would make the broker die at bind time with a less
     # obvious message, or worse, make the readiness probe talk to another broker.
     local p
-    for p in "$PORT" "$CONTROLLER_PORT"; do
+    for p in "$PORT" "$CONTROLLER_PORT" $SASL_SSL_PORT; do
       if port_open "$p"; then
         die "port $p on $HOST is already in use by another process (set VQL_KAFKA_PORT / VQL_KAFKA_CONTROLLER_PORT)"
       fi
     done
     mkdir -p "$DATA"
+    if [[ -n "$SASL_SSL_PORT" ]]; then make_certs; fi
     write_configs
     format_storage_once
     launch
