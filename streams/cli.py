@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from vql.streams.kafka_security import KafkaSecurity
 from vql.streams.settings import Settings
 
 
@@ -405,11 +406,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        for error in exc.errors(include_url=False):
-            variable = "VQL_" + "_".join(str(part) for part in error["loc"]).upper()
-            print(f"vql: bad setting {variable}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
+        _report_bad_settings(exc, "VQL_")
+        return 2
+    try:
+        KafkaSecurity()  # a half security configuration is refused here, before any client
+    except ValidationError as exc:
+        _report_bad_settings(exc, "VQL_KAFKA_")
         return 2
     return args.handler(args, settings)
+
+
+def _report_bad_settings(exc: ValidationError, prefix: str) -> None:
+    for error in exc.errors(include_url=False):
+        if not error["loc"]:  # a rule across settings: its message names them (no values: secrets)
+            print(f"vql: bad settings: {error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+            continue
+        variable = prefix + "_".join(str(part) for part in error["loc"]).upper()
+        print(f"vql: bad setting {variable}={error.get('input')!r}: {error['msg']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,14 @@ def test_bench_codec_prints_one_json_line_per_figure(capsys):
 def test_evaluate_merge_needs_an_earlier_grid(tmp_path, capsys):
     assert main(["evaluate", "--datasets", "synthetic", "--merge", "--out", str(tmp_path)]) == 1
     assert f"--merge needs an earlier {tmp_path / 'results.jsonl'}" in capsys.readouterr().err
+
+
+def test_a_half_kafka_security_setting_is_reported_without_secrets(monkeypatch, capsys):
+    monkeypatch.setenv("VQL_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("VQL_KAFKA_SASL_PASSWORD", "hunter2")
+    assert main(["model", "init", "--out", "/nonexistent/x.npz"]) == 2
+    err = capsys.readouterr().err
+    assert "VQL_KAFKA_SASL_USERNAME and VQL_KAFKA_SASL_PASSWORD" in err and "hunter2" not in err
+    monkeypatch.setenv("VQL_KAFKA_SECURITY_PROTOCOL", "TLS")
+    assert main(["model", "init", "--out", "/nonexistent/x.npz"]) == 2
+    assert "bad setting VQL_KAFKA_SECURITY_PROTOCOL='TLS'" in capsys.readouterr().err

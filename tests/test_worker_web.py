@@ -4,6 +4,7 @@ bare index (Faust's router, table, graph and statistics views are off)."""
 from __future__ import annotations
 
 import pytest
+from faust.auth import SASLCredentials
 
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
@@ -29,3 +30,18 @@ def test_the_web_port_binds_loopback_by_default(app):
 def test_faust_introspection_views_are_off(app):
     served = {bp if isinstance(bp, str) else bp.name for _prefix, bp in app.web._enabled_blueprints()}
     assert served == {"faust.web.apps.production_index:blueprint"}
+
+
+def test_the_faust_app_takes_the_kafka_credentials(tmp_path, monkeypatch):
+    monkeypatch.setenv("VQL_KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("VQL_KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    monkeypatch.setenv("VQL_KAFKA_SASL_USERNAME", "worker")
+    monkeypatch.setenv("VQL_KAFKA_SASL_PASSWORD", "s3cret")
+    processor = BatchProcessor(VQLModel(ModelConfig(item_buckets=256, category_buckets=16)), "v" * 16, tmp_path,
+                               "behaviors", EventPolicy())
+    try:
+        credentials = create_app(Settings(data_dir=tmp_path), processor).conf.broker_credentials
+    finally:
+        processor.close()
+    assert isinstance(credentials, SASLCredentials)
+    assert (credentials.username, credentials.mechanism.value) == ("worker", "SCRAM-SHA-256")
