@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from vql.schemas.arrow import EXPORT_SCHEMA, LAST_OFFSETS, SOURCE_PARTITIONS, state_schema
 from vql.schemas.control import DeleteUser, decode_control, is_control
-from vql.schemas.decode import EventPolicy, Rejection, decode_event
+from vql.schemas.decode import EventPolicy, Reason, Rejection, decode_event
 from vql.schemas.events import BehaviorEvent
-from vql.schemas.placement import misplaced
 from vql.schemas.user_state import StateFormatError, UserState, decode_user_state
 from vql.streams.replay_files import read_events
 from vql.streams.topics import latest_by_key, produce_all, read_topic, topic_partitions
@@ -44,14 +43,18 @@ def export_events(bootstrap: str, topic: str, out: Path, policy: EventPolicy,
     now_ms = int(time.time() * 1000)
     written = 0
     last: dict[int, int] = {}  # partition -> last offset read, rejected records included
-    partitions = topic_partitions(bootstrap, topic)
+    partitions = topic_partitions(bootstrap, topic)  # recorded: what a file replay judges rows against
     with pq.ParquetWriter(out, EXPORT_SCHEMA) as writer, \
             tqdm(desc=f"export {topic}", unit="ev", unit_scale=True, disable=not progress) as bar:
         rows: list[tuple[BehaviorEvent, int, int, int]] = []
         for partition, offset, key, value, headers, timestamp in read_topic(bootstrap, topic, with_timestamps=True):
             last[partition] = offset
-            if partitions and (wrong := misplaced([key], np.array([partition]), partitions).get(0)):
-                rejected[wrong.reason.value] += 1  # the worker dead-letters it (schemas/placement.py)
+            if key is None:
+                # The worker dead-letters it: its user's partition is unknown. A misplaced
+                # record is kept, with its partition: a file replay judges it against the
+                # recorded count as the worker would, and `vql import` places it by its key
+                # (a partition-count change, docs/operations.md).
+                rejected[Reason.MISSING_KEY.value] += 1
                 continue
             if is_control(headers):
                 request = decode_control(key, value, headers)
