@@ -17,11 +17,11 @@ from vql.schemas.placement import partition_of
 from vql.serving.follower import StateFollower
 from vql.serving.store import StateStore
 from vql.streams.demo import read_states
+from vql.streams.demo_events import DemoSpec, generate
 from vql.streams.export import export_events
+from vql.streams.layout import PARTITIONS_HEADER
 from vql.streams.replay import run_replay_topic
 from vql.streams.replay_files import run_replay_files, source_partitions
-from vql.streams.demo_events import DemoSpec, generate
-from vql.streams.layout import PARTITIONS_HEADER
 from vql.streams.topics import admin, producer, read_topic
 
 pytestmark = pytest.mark.integration
@@ -44,6 +44,16 @@ def run_until_committed(pipeline: Pipeline, total: int) -> None:
         pipeline.wait_until_committed(total)
     finally:
         pipeline.stop_all()
+
+
+def raise_partitions(pipeline: Pipeline, count: int) -> None:
+    """What an operator must not do: raise both topics' partition counts in place."""
+    client = admin(pipeline.settings.kafka_bootstrap)
+    try:
+        client.create_partitions({pipeline.settings.behaviors_topic: NewPartitions(count),
+                                  pipeline.settings.states_topic: NewPartitions(count)})
+    finally:
+        client.close()
 
 
 def refused(pipeline: Pipeline, **overrides) -> str:
@@ -122,12 +132,7 @@ def test_a_worker_refuses_to_start_after_the_partition_count_changed(kafka_boots
     pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=2)
     run_until_committed(pipeline, produce(pipeline, list(generate(DemoSpec(users=20, mean_events=5, heavy_users=0,
                                                                            seed=3), int(time.time() * 1000)))))
-    client = admin(kafka_bootstrap)
-    try:
-        client.create_partitions({pipeline.settings.behaviors_topic: NewPartitions(4),
-                                  pipeline.settings.states_topic: NewPartitions(4)})
-    finally:
-        client.close()
+    raise_partitions(pipeline, 4)
     log = refused(pipeline)
     assert "had 2 partitions" in log and "it has 4 now" in log and "docs/operations.md" in log, log
     headers = {dict(h).get(PARTITIONS_HEADER) for *_r, h in read_topic(kafka_bootstrap, pipeline.settings.states_topic)}
