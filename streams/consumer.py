@@ -189,6 +189,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._processing: asyncio.Future | None = None  # the last batch's processing thread
         self._in_flight: asyncio.Future | None = None  # the last batch's publication
         self._failed: Exception | None = None  # why a publication failed: the worker must stop
+        self._layout_failure: LayoutRefused | None = None  # the input's partition count changed
         self._tombstones = TombstoneWatch(settings.kafka_bootstrap, settings.states_topic, settings.behaviors_topic)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -204,6 +205,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
             session_timeout_ms=int(s.session_timeout_s * 1000),
             heartbeat_interval_ms=int(min(3.0, s.session_timeout_s / 3) * 1000),
+            # How soon a partition-count change is seen (_check_partition_count); Kafka's default is 5 min.
+            metadata_max_age_ms=30_000,
             **aiokafka_security(),
         )
         await self._consumer.start()
@@ -236,6 +239,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         """The status and, unless ready, why."""
         if self._recovery.failure is not None:
             return "failed", str(self._recovery.failure)
+        if self._layout_failure is not None:
+            return "failed", str(self._layout_failure)
         if not self._assigned:
             return "starting", "waiting for the consumer group to assign partitions"
         if self._rebalancing:
@@ -364,7 +369,11 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         window_ms = int(self.settings.batch_window_s * 1000)
         while not self.should_stop:
             fetched = await self._consumer.getmany(timeout_ms=window_ms, max_records=self.settings.batch_size)
-            self._check_partition_count()
+            if changed := self._partition_count_changed():
+                self._layout_failure = changed  # not applied, not committed: /health says failed
+                log.error("%s", changed)
+                await self.crash(changed)
+                return
             async with self._lock:
                 if self.should_stop:
                     return  # not committed: the next owner gets these records again
@@ -375,14 +384,15 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
                 elif due := self._due_partitions():
                     await self._flush_and_commit(due)
 
-    def _check_partition_count(self) -> None:
-        """Stop when the input topic's partition count changed under the running worker: its
-        users would move to partitions whose stores do not know them (streams/layout.py).
-        The restarted worker then refuses to start, with the procedure."""
+    def _partition_count_changed(self) -> LayoutRefused | None:
+        """Why to stop, when the input topic's partition count changed under the running
+        worker: its users would move to partitions whose stores do not know them
+        (streams/layout.py). The process exits with code 2, and a restart refuses."""
         count = len(self._consumer.partitions_for_topic(self.settings.behaviors_topic) or ())
         if self.processor.partitions and count and count != self.processor.partitions:
-            raise LayoutRefused(f"{self.settings.behaviors_topic} now has {count} partitions, this worker started "
-                                f"with {self.processor.partitions}: it stops; {PARTITION_PROCEDURE}")
+            return LayoutRefused(f"{self.settings.behaviors_topic} now has {count} partitions, this worker started "
+                                 f"with {self.processor.partitions}: it stops; {PARTITION_PROCEDURE}")
+        return None
 
     def _due_partitions(self) -> list[int]:
         """The partitions to write now: each unwritten one every ``commit_interval_s``, but

@@ -128,11 +128,17 @@ def test_replays_and_exports_leave_out_keyless_and_misplaced_records(kafka_boots
     assert result.ok and result.events_published == len(good), result.summary()
 
 
-def test_a_worker_refuses_to_start_after_the_partition_count_changed(kafka_bootstrap, tmp_path):
+def test_a_worker_stops_and_refuses_to_start_after_the_partition_count_changed(kafka_bootstrap, tmp_path):
     pipeline = Pipeline.create(kafka_bootstrap, tmp_path, partitions=2)
-    run_until_committed(pipeline, produce(pipeline, list(generate(DemoSpec(users=20, mean_events=5, heavy_users=0,
-                                                                           seed=3), int(time.time() * 1000)))))
-    raise_partitions(pipeline, 4)
+    running = pipeline.start_worker()
+    try:
+        pipeline.wait_until_committed(produce(pipeline, list(generate(
+            DemoSpec(users=20, mean_events=5, heavy_users=0, seed=3), int(time.time() * 1000)))))
+        raise_partitions(pipeline, 4)
+        assert running.wait(120) == 2, pipeline.worker_logs()  # within its metadata refresh (30 s)
+    finally:
+        pipeline.stop_all()
+    assert "now has 4 partitions, this worker started with 2" in pipeline.worker_logs()
     log = refused(pipeline)
     assert "had 2 partitions" in log and "it has 4 now" in log and "docs/operations.md" in log, log
     headers = {dict(h).get(PARTITIONS_HEADER) for *_r, h in read_topic(kafka_bootstrap, pipeline.settings.states_topic)}
