@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from kafka import TopicPartition
-from kafka.partitioner.default import murmur2
 
 from vql.bench.broker_cpu import BrokerCpu
 from vql.bench.report import emit
 from vql.model.config import ModelConfig
 from vql.model.encoder import VQLModel
+from vql.schemas.placement import partitions_of
 from vql.schemas.user_state import read_state_header
 from vql.streams.demo import start_worker, stop_worker
 from vql.streams.demo_events import DemoSpec, generate, history_lengths
@@ -137,7 +137,7 @@ async def _offer(settings: Settings, records: list[tuple[bytes, bytes]], rate: f
     await producer.start()
     try:
         partitions = sorted(await producer.partitions_for(settings.behaviors_topic))
-        target = [(murmur2(key) & 0x7FFFFFFF) % len(partitions) for key, _value in records]
+        target = partitions_of([key for key, _value in records], len(partitions)).tolist()
         started_s, started_ms, sent, deliveries = time.monotonic(), time.time() * 1000, 0, []
         while sent < len(records):
             due = min(len(records), int((time.monotonic() - started_s) * rate) + 1)
