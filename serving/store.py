@@ -8,11 +8,13 @@ consistent copy and reads only what it missed, as the worker's stores do (stream
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from rocksdict import WriteBatch
 
+from vql.schemas.newest import newest
+from vql.schemas.user_state import StateFormatError, read_state_header
 from vql.serving.errors import StoreMismatch, StoreUnavailable
 from vql.streams.state_store import open_rocksdb
 
@@ -43,9 +45,12 @@ class StateStore:
         return self._db.get(_USER + user_id.encode())
 
     def apply(self, changes: Iterable[tuple[bytes, bytes | None]], next_offsets: dict[int, int]) -> None:
-        """Write (key, state or None for a tombstone) and the partitions' next offsets atomically."""
+        """Write (key, state or None for a tombstone) and the partitions' next offsets
+        atomically. Of a user's states, the one with the larger applied offset is kept, not
+        the last one read (schemas/newest.py): a late publication cannot replace a newer state.
+        A state whose header cannot be read counts as older than any readable one."""
         batch = WriteBatch(raw_mode=True)
-        for key, value in changes:
+        for key, value in newest([(key, value, _applied(value)) for key, value in changes], self._applied).items():
             if value is None:
                 batch.delete(_USER + key)
             else:
@@ -53,6 +58,9 @@ class StateStore:
         for partition, offset in next_offsets.items():
             batch.put(_OFFSET + str(partition).encode(), str(offset).encode())
         self._db.write(batch)
+
+    def _applied(self, keys: Sequence[bytes]) -> list[int | None]:
+        return [_applied(blob) for blob in self._db.get([_USER + key for key in keys])]
 
     def next_offsets(self) -> dict[int, int]:
         """Where to resume reading each partition (empty for a new store)."""
@@ -65,3 +73,13 @@ class StateStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _applied(blob: bytes | None) -> int | None:
+    """A published state's applied offset (None: a tombstone or no state; -1: unreadable)."""
+    if blob is None:
+        return None
+    try:
+        return read_state_header(memoryview(blob)).applied_offset
+    except StateFormatError:
+        return -1

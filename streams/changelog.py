@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from vql.schemas.control import deleted_offset
-from vql.schemas.user_state import StateBatch, StateFormatError, UserState, decode_user_state
+from vql.schemas.newest import newest
+from vql.schemas.user_state import StateBatch, StateFormatError, decode_user_state, read_state_header
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.recovery import off_loop
 from vql.streams.state_store import PartitionStore
@@ -50,7 +51,9 @@ async def restore_partition(
     delete request applies nothing here either.
     """
     tp = TopicPartition(topic, partition)
+    # read_committed: a fenced worker's aborted transactions never reach a store.
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                isolation_level="read_committed",
                                 max_partition_fetch_bytes=32 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
                                 **aiokafka_security())
     await consumer.start()
@@ -101,27 +104,33 @@ class _Counts:
 
 def _write_chunk(store: PartitionStore, records: list, reached: int, model_version: str, tp: TopicPartition,
                  counts: _Counts) -> None:
-    """Decode a chunk of changelog records and write their deletions, states and the
-    changelog offset they reach in one WriteBatch."""
-    pending: dict[str, UserState] = {}
+    """Decode a chunk of changelog records and write their deletions, per user the state with
+    the larger applied offset (of the chunk's and the store's: schemas/newest.py), and the
+    changelog offset they reach, in one WriteBatch."""
+    changes = []
     deletions: dict[str, int | None] = {}  # written before the states: a later state re-creates
     for record in records:
         if record.value is None:
             if record.key is not None:
                 user = record.key.decode("utf-8", "replace")
-                pending.pop(user, None)
                 marker = deleted_offset(record.headers)
                 deletions[user] = marker if marker is not None else deletions.get(user)
+                changes.append((record.key, None, None))
+            continue
+        if record.key is None:
             continue
         try:
-            state = decode_user_state(record.value)
+            header = read_state_header(memoryview(record.value))
         except StateFormatError as exc:
             log.warning("changelog %s offset %d: unreadable state skipped: %s", tp, record.offset, exc)
             continue
-        if state.model_version != model_version:
+        if header.layout[0] != model_version:
             counts.foreign += 1
             continue
-        pending[state.user_id] = state
-    store.write(StateBatch.of(list(pending.values())) if pending else None, None, reached, deletions=deletions)
+        changes.append((record.key, record.value, header.applied_offset))
+    # Of equals the store keeps its own copy: the same events, in float64 rather than float32.
+    keep = newest(changes, lambda keys: store.applied_offsets([key.decode() for key in keys]), replace_equal=False)
+    pending = [decode_user_state(value) for value in keep.values() if value is not None]
+    store.write(StateBatch.of(pending) if pending else None, None, reached, deletions=deletions)
     counts.restored += len(pending)
     counts.deleted += len(deletions)

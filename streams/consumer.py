@@ -44,11 +44,12 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from vql.streams.changelog import restore_partition
 from vql.streams.dead_letters import fit, letter_producer, topic_limit
+from vql.streams.fencing import FencedPublisher, state_batches, without_partitions
 from vql.streams.kafka_security import aiokafka_security
 from vql.streams.deletion import TombstoneWatch, publish_tombstones
 from vql.streams.layout import PARTITION_PROCEDURE, LayoutRefused, state_headers
 from vql.streams.processor import BatchProcessor, BatchResult, DeadLetter
-from vql.streams.recovery import PartitionRecovery, RestoreFailed
+from vql.streams.recovery import PartitionRecovery, RestoreFailed, off_loop
 from vql.streams.settings import Settings
 from vql.streams.standby import catch_up_round
 from vql.streams.state_limits import state_batch_bytes, states_limit
@@ -140,17 +141,7 @@ class Publisher:
 
     def _batches(self, user_ids: list[str], values: list[bytes], timestamp_ms: int):
         """Producer batches of encoded states, each as large as the producer allows."""
-        batch, count, headers = self.producer.create_batch(), 0, self._state_headers
-        for key, value in zip(user_ids, values):
-            key = key.encode()
-            if batch.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
-                yield count, batch
-                batch, count = self.producer.create_batch(), 0
-                if batch.append(key=key, value=value, timestamp=timestamp_ms, headers=headers) is None:
-                    raise ValueError(f"state of {key!r} ({len(value)} B) exceeds the producer batch size")
-            count += 1
-        if count:
-            yield count, batch
+        return state_batches(self.producer, user_ids, values, timestamp_ms, self._state_headers)
 
 
 class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
@@ -185,7 +176,9 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self._lock = asyncio.Lock()  # held for a whole batch, and by rebalance callbacks
         self._standby_lock = asyncio.Lock()  # a standby catch-up holds its store open meanwhile
         self._consumer: AIOKafkaConsumer | None = None
-        self._publisher: Publisher | None = None
+        self._publisher: FencedPublisher | None = None
+        self._fenced: set[int] = set()  # partitions whose publication was fenced: dropped until reassigned
+        self._newly_fenced: set[int] = set()  # fenced by the publication in flight, not yet dropped
         self._processing: asyncio.Future | None = None  # the last batch's processing thread
         self._in_flight: asyncio.Future | None = None  # the last batch's publication
         self._failed: Exception | None = None  # why a publication failed: the worker must stop
@@ -196,7 +189,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def on_start(self) -> None:
         s = self.settings
-        self._publisher = await Publisher.start(s)
+        self._publisher = await FencedPublisher.start(s)
         self._publisher.written = self._tombstones.wrote
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=s.app_id, enable_auto_commit=False,
@@ -247,6 +240,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             return "recovering", "the consumer group is rebalancing"
         if self._recovery.restoring:
             return "recovering", self._recovery.reason()
+        if self._fenced:
+            return "recovering", f"partitions {sorted(self._fenced)} were taken over by another worker: rejoining"
         return "ready", ""
 
     async def on_partitions_revoked(self, revoked) -> None:
@@ -258,6 +253,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             self.processor.release(partitions)
             self._tombstones.revoked(partitions)
             self.on_revoked(partitions)
+            await self._publisher.close(partitions)
+            self._fenced.difference_update(partitions)
 
     async def on_partitions_assigned(self, assigned) -> None:
         """Pause the new partitions and restore them in tasks (aiokafka would swallow what
@@ -265,9 +262,13 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         self.on_assigned([tp.partition for tp in assigned])
         self._consumer.pause(*assigned)
         self._assigned, self._rebalancing = True, False
+        self._fenced.difference_update(tp.partition for tp in assigned)
         self._recovery.start(sorted(tp.partition for tp in assigned))
 
     async def _restore(self, partition: int) -> None:
+        # The partition's producer first: registering its transactional id fences the previous
+        # owner, so nothing it publishes later can land after the restore (streams/fencing.py).
+        await self._publisher.open(partition)
         async with self._standby_lock:
             store = await self._open_owned(partition)
             tombstones: list = []
@@ -414,7 +415,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         input offsets they reached: never the other way round."""
         await self._settle()
         started = time.perf_counter()
-        durable = self.processor.flush(partitions)
+        # In a thread: RocksDB writes of a whole partition's cache, while the loop heartbeats.
+        durable = await off_loop(self.processor.flush, partitions)
         flushed = time.perf_counter()
         self._last_flush = time.monotonic()
         for partition in durable if partitions is None else partitions:
@@ -433,7 +435,7 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def _apply(self, fetched: dict) -> None:
         owned = self._consumer.assignment()
-        restoring = set(self._recovery.restoring)
+        restoring = set(self._recovery.restoring) | self._fenced
         # A partition revoked while we waited for the lock: the new owner has its records. One
         # not yet restored is paused before its first fetch (aiokafka drops what a paused
         # partition fetched); records of it here are from before the rebalance: its position
@@ -450,6 +452,8 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
         result = await asyncio.shield(self._processing)  # cancelled, the thread still finishes: _settle waits
         processed = time.perf_counter()
         await self._settle()
+        # Processed on top of a partition fenced meanwhile: none of it may be kept or published.
+        result = without_partitions(result, self._fenced)
         # Into the caches before publication, so that the next batch folds on top of these
         # states while they travel: safe because nothing reaches RocksDB before every
         # publication in flight is acknowledged (_flush_and_commit settles first), and a
@@ -459,15 +463,19 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
 
     async def _publish(self, result: BatchResult, timestamps: list[int], process_s: float) -> None:
         started = time.perf_counter()
-        changelog = await self._publisher.publish(result)
+        changelog, fenced = await self._publisher.publish(result)
+        if fenced:
+            self._newly_fenced |= fenced
+            changelog = {p: o for p, o in changelog.items() if p not in fenced}
         published = time.perf_counter()
         self.processor.reached(changelog)
         self.on_batch(result, timestamps, process_s, published - started)
         log.info(
             "batch: %d records, %d applied, %d duplicates, %d dead letters, %d states published; "
-            "process %.0f ms (encode %.0f), publish %.0f ms",
+            "process %.0f ms (encode %.0f), publish %.0f ms%s",
             len(timestamps), result.applied, result.duplicates, len(result.dead_letters), result.state_count,
             process_s * 1e3, result.encode_s * 1e3, (published - started) * 1e3,
+            f" (fenced, not visible: partitions {sorted(fenced)})" if fenced else "",
         )
 
     async def _settle(self) -> None:
@@ -489,3 +497,25 @@ class BehaviorConsumer(mode.Service, ConsumerRebalanceListener):
             self._failed = exc
             self.processor.discard()
             raise
+        self._drop_fenced()
+
+    def _drop_fenced(self) -> None:
+        """Partitions whose publication was fenced belong to another worker now (this one was
+        dropped from the group without knowing it): forget their caches unwritten (the fenced
+        transaction's states never became visible), take no more of their records, and ask
+        the group for a rejoin, which revokes them here. Not a crash: the other partitions
+        may well still be this worker's."""
+        fenced, self._newly_fenced = self._newly_fenced, set()
+        if not fenced:
+            return
+        self._fenced |= fenced
+        self.processor.forget(sorted(fenced))
+        owned = [tp for tp in self._consumer.assignment() if tp.partition in fenced]
+        if owned:
+            self._consumer.pause(*owned)
+        log.warning("publication to partitions %s fenced: another worker has taken them over; their "
+                    "unpublished states are dropped and this worker rejoins the group", sorted(fenced))
+        # aiokafka has no public call for it; without one, the next heartbeat finds out.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.request_rejoin()

@@ -55,10 +55,15 @@ def topic_limit(settings: Settings) -> int:
                                      "VQL_MAX_DEAD_LETTER_BYTES")
 
 
+def letter_batch_bytes(limit: int) -> int:
+    """A batch size whose batches, of one letter or many, fit a DLQ limit of ``limit``."""
+    return min(limit, MAX_BATCH_BYTES) - FRAMING_MARGIN
+
+
 def letter_producer(settings: Settings, limit: int) -> AIOKafkaProducer:
     """A producer for dead letters: its batches, of one letter or many, fit ``limit``."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-        max_batch_size=min(limit, MAX_BATCH_BYTES) - FRAMING_MARGIN,
+        max_batch_size=letter_batch_bytes(limit),
         max_request_size=limit, **aiokafka_security(),
     )

@@ -114,12 +114,18 @@ class TombstoneWatch:
         if partition in self._own:
             self._own[partition].append((first, count))
 
-    def _foreign(self, partition: int, start: int | None, end: int) -> bool:
-        """Whether [start, end) of the partition may hold a record this worker did not write."""
+    def _foreign(self, partition: int, start: int | None, end: int,
+                 own: list[tuple[int, int]] | None = None) -> bool:
+        """Whether [start, end) of the partition may hold a record this worker did not write
+        (``own``: the ranges it wrote, as known before ``end`` was read; default: all known).
+        A transaction's commit marker is told as the one offset after its last record: the
+        marker is there or later, so a count that matches can hide no other record (a marker
+        later than that leaves the count short, and the range is read)."""
         if start is None:
             return end > 0
-        own = sum(max(0, min(first + count, end) - max(first, start)) for first, count in self._own[partition])
-        return end - start != own
+        ranges = self._own[partition] if own is None else own
+        counted = sum(max(0, min(first + count, end) - max(first, start)) for first, count in ranges)
+        return end - start != counted
 
     async def check(self, kafka: AIOKafkaProducer) -> list[tuple[str, int]]:
         """Read what is new on the owned partitions and send a delete request for every bare
@@ -136,9 +142,12 @@ class TombstoneWatch:
         await consumer.start()
         try:
             tps = [TopicPartition(self.states_topic, p) for p in partitions]
+            # What was written before the end offsets are asked: a later publication is not
+            # counted, so its records look foreign and are read (never the other way round).
+            own = {p: list(ranges) for p, ranges in self._own.items()}
             ends = await consumer.end_offsets(tps)
-            tps = [tp for tp in tps if tp.partition in self._own and
-                   self._foreign(tp.partition, partitions[tp.partition], ends[tp])]
+            tps = [tp for tp in tps if tp.partition in own and
+                   self._foreign(tp.partition, partitions[tp.partition], ends[tp], own[tp.partition])]
             self.reads += len(tps)
             if tps:
                 consumer.assign(tps)

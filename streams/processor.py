@@ -228,6 +228,14 @@ class BatchProcessor:
         are read from the stores again, as they were at the last flush."""
         self._caches.clear()
 
+    def forget(self, partitions: Sequence[int]) -> None:
+        """Drop these partitions' caches unwritten: their last batches will never be published
+        (a fenced worker's); the store keeps what was written at the last flush."""
+        for partition in partitions:
+            self._caches.pop(partition, None)
+        if self._caches:
+            self._share_cache()
+
     def close(self) -> None:
         self.release(list(self._stores))
 

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         10.0, gt=0, description="consumer group session timeout: how soon a dead worker's partitions move"
     )
 
+    transaction_timeout_s: float = Field(
+        30.0, gt=0, le=900,
+        description="transaction.timeout.ms of the per-partition publishing transactions: how long an "
+                    "open transaction of a worker that hangs holds up read_committed readers of its partition "
+                    "before the broker aborts it (a new owner aborts it at once)",
+    )
     restore_retry_max_s: float = Field(
         30.0, gt=0,
         description="longest wait between two tries of a partition's restore that failed on a broker error "

@@ -25,6 +25,7 @@ from vql.schemas.user_state import (
     decode_states,
     decode_user_state,
     encode_states,
+    read_state_header,
 )
 
 ENCODE_ROWS = 256  # states copied and encoded at a time by a write (~7 MB in float64)
@@ -139,6 +140,14 @@ class PartitionStore:
         """The input offset of the user's last applied delete request, or None."""
         raw = self._get(_DELETED + user_id.encode())
         return None if raw is None else int(raw)
+
+    def applied_offsets(self, user_ids: Sequence[str]) -> list[int | None]:
+        """Each user's stored applied offset (None: no state), from the headers alone."""
+        raw = self._db.get([_USER + u.encode() for u in user_ids])
+        try:
+            return [None if blob is None else read_state_header(memoryview(blob)).applied_offset for blob in raw]
+        except StateFormatError as exc:
+            raise StoreError(f"{self.path} holds a state this worker cannot read: {exc}") from exc
 
     def load_event_ids(self, user_ids: Sequence[str]) -> list[np.ndarray]:
         """Each user's recent event-id fingerprints (uint64, oldest first; empty if none)."""

@@ -153,7 +153,9 @@ def produce_all(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None
 def reader(bootstrap: str, **options) -> KafkaConsumer:
     """A group-less consumer that reads topics from the beginning and commits nothing: the
     readers of this project (tools, tests, ranking backends' state views) track their own
-    positions. Fetch limits fit the largest records here (states, dead letters)."""
+    positions. Fetch limits fit the largest records here (states, dead letters). They read
+    committed records only: states and dead letters are published in transactions, and those
+    of a worker fenced off its partition are aborted (streams/fencing.py)."""
     with refusals_explained(bootstrap):
         return KafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -162,7 +164,7 @@ def reader(bootstrap: str, **options) -> KafkaConsumer:
             max_partition_fetch_bytes=16 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             **kafka_python_security(),
-            **options,
+            **{"isolation_level": "read_committed", **options},
         )
 
 
