@@ -7,7 +7,7 @@ also fetch the L events and embed them. What is timed is what depends on the req
 - :func:`full_attention`: exact target attention over all L events with the model's
   unquantized keys and decay kernel (``VQLModel.attend(quantized=False)``), streamed over
   chunks of events with a running softmax so that memory stays bounded at L = 10^6.
-- :func:`topk_attention`: SIM-hard (model/zoo/sim.py): the k newest events of the candidate's
+- :func:`topk_attention`: SIM-hard (research/zoo/sim.py): the k newest events of the candidate's
   category, retrieved from an index built once per user, then plain softmax attention.
 """
 

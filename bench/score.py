@@ -188,7 +188,7 @@ def _measure_http(work: Path, length: int, n: int, rate: float, seconds: float) 
 
 def plot_latency(records: list[dict], path: Path) -> None:
     """p99 against L for each method at the largest N (log-log), and vql's p50/p99 per N."""
-    from vql.model.report import pyplot, save_figure
+    from vql.research.report import pyplot, save_figure
 
     plt = pyplot()
     timed = [r for r in records if r["metric"] in ("p50_ms", "p99_ms", "p99_cpu_ms")]

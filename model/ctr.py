@@ -1,7 +1,7 @@
 """The CTR model frame every model here shares: embeddings, projections and the MLP head.
 
 A model differs only in how a target attends over the user's events
-(:meth:`CTRModel.interest`); VQL (model/encoder.py) and the baselines (model/zoo/) each
+(:meth:`CTRModel.interest`); VQL (model/encoder.py) and the baselines (research/zoo/) each
 override that one method, so that comparisons measure the attention and nothing else.
 """
 
@@ -20,7 +20,7 @@ from vql.schemas.events import Action, Modality
 
 @dataclass
 class TensorBatch:
-    """A user-grouped batch on a device (see model/datasets.py UserBatch): B users with
+    """A user-grouped batch on a device (see model/batch.py UserBatch): B users with
     L events each (padded) and T targets each (padded)."""
 
     item: torch.Tensor  # (B, L) hashed bucket

@@ -27,7 +27,7 @@ from vql.model.attention import (
 )
 from vql.model.config import ModelConfig
 from vql.model.ctr import CTRModel, TensorBatch
-from vql.model.datasets import UserBatch
+from vql.model.batch import UserBatch
 from vql.model.features import BehaviorColumns, Candidates, hash_buckets
 from vql.schemas.events import Action, Modality
 
@@ -213,7 +213,7 @@ class VQLModel(CTRModel):
     def fit_codebooks(self, features: torch.Tensor, iterations: int = 20) -> None:
         """k-means (Lloyd) of the keys of ``features`` (n, behavior_dim), per group, started
         at random keys: the codebooks a model trained without quantization starts from when
-        quantization is switched on (training.py, warm-up). Resets the EMA state to match."""
+        quantization is switched on (research/training.py, warm-up). Resets the EMA state to match."""
         keys = self.keys(features).float()  # (n, G, D)
         picks = torch.randperm(keys.shape[0], generator=self.generator)[: self.config.codes]
         codebooks = keys[picks].transpose(0, 1).clone()  # (G, K, D)

@@ -111,10 +111,10 @@ def _bench_state_size(args: argparse.Namespace, settings: Settings) -> int:
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.config import ModelConfig
-    from vql.model.datasets import DatasetUnavailable, load_dataset
+    from vql.research.datasets import DatasetUnavailable, load_dataset
     from vql.model.encoder import VQLModel, default_device
-    from vql.model.experiments import RECIPES
-    from vql.model.training import evaluate, train
+    from vql.research.experiments import RECIPES
+    from vql.research.training import evaluate, train
 
     recipe = RECIPES[args.dataset]
     try:
@@ -147,10 +147,10 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from vql.model.config import ModelConfig
-    from vql.model.datasets import DatasetUnavailable, load_dataset
+    from vql.research.datasets import DatasetUnavailable, load_dataset
     from vql.model.encoder import default_device
-    from vql.model.experiments import RECIPES, merge_records, read_jsonl, run_grid, write_jsonl
-    from vql.model.report import write_results
+    from vql.research.experiments import RECIPES, merge_records, read_jsonl, run_grid, write_jsonl
+    from vql.research.report import write_results
 
     results_path = args.out / "results.jsonl"
     if args.merge and not results_path.exists():
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train the VQL CTR model end to end (BCE + commitment loss, "
                                 "EMA codebooks) and write config + weights + codebooks + version hash.")
     train.add_argument("--dataset", choices=["movielens", "synthetic"], default="movielens",
-                       help="data set; its recipe (model/experiments.py) gives the data and training defaults")
+                       help="data set; its recipe (research/experiments.py) gives the data and training defaults")
     train.add_argument("--epochs", type=int, help="override the recipe")
     train.add_argument("--warmup-epochs", type=int, help="unquantized epochs first (override the recipe)")
     train.add_argument("--extra-quantized-epochs", type=int, help="quantized epochs after --epochs (override the recipe)")
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--datasets", nargs="+", choices=["movielens", "synthetic"], default=["movielens", "synthetic"])
     evaluate.add_argument("--models", nargs="+", default=["vql", "full", "din50", "din200", "sim", "sdim", "mean"])
     evaluate.add_argument("--seeds", type=int, default=3)
-    evaluate.add_argument("--epochs", type=int, help="override every dataset's recipe (model/experiments.py)")
+    evaluate.add_argument("--epochs", type=int, help="override every dataset's recipe (research/experiments.py)")
     evaluate.add_argument("--users-per-batch", type=int, help="override the recipes")
     evaluate.add_argument("--lr", type=float, help="override the recipes")
     evaluate.add_argument("--extra-quantized-epochs", type=int, help="override the recipes (VQL only)")

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from vql.model.config import ModelConfig
 from vql.model.ctr import TensorBatch
-from vql.model.datasets import SyntheticSpec, make_synthetic, user_batches
-from vql.model.zoo import MODELS
-from vql.model.zoo.sim import SIMHardModel
+from vql.research.datasets import SyntheticSpec, make_synthetic, user_batches
+from vql.research.zoo import MODELS
+from vql.research.zoo.sim import SIMHardModel
 
 CPU = torch.device("cpu")
 SPEC = SyntheticSpec(users=12, events_per_user=400, targets_per_user=6, items_per_category=10, recent_noise=40)

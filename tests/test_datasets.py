@@ -1,4 +1,4 @@
-"""The training data layer (model/datasets.py): layout invariants, leak-free batching, and the
+"""The training data layer (research/datasets.py): layout invariants, leak-free batching, and the
 planted signal that the synthetic set exists to carry (full, time-decayed history beats the
 last 50 behaviors, time-blind pooling and category filtering)."""
 
@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from vql.model.datasets import (
+from vql.research.datasets import (
     Dataset,
     DatasetUnavailable,
     Histories,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from vql.model.config import ModelConfig
-from vql.model.datasets import SyntheticSpec, make_synthetic
-from vql.model.experiments import merge_records, read_jsonl, run_grid, write_jsonl
-from vql.model.training import TrainConfig
+from vql.research.datasets import SyntheticSpec, make_synthetic
+from vql.research.experiments import merge_records, read_jsonl, run_grid, write_jsonl
+from vql.research.training import TrainConfig
 
 TINY = SyntheticSpec(users=40, events_per_user=200, targets_per_user=8, items_per_category=10, recent_noise=20)
 SMALL_MODEL = ModelConfig(item_buckets=1024, category_buckets=128)

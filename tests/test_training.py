@@ -8,13 +8,13 @@ import torch
 from vql.model.artifact import load_artifact
 from vql.model.config import ModelConfig
 from vql.model.ctr import TensorBatch
-from vql.model.datasets import SyntheticSpec, make_synthetic, user_batches
+from vql.research.datasets import SyntheticSpec, make_synthetic, user_batches
 from vql.model.encoder import VQLModel
 from vql.model.features import BehaviorColumns, Candidates
 from vql.model.scoring import Scorer
 from vql.model.state import apply_events, empty_state
-from vql.model.training import TrainConfig, train
-from vql.model.zoo import MODELS
+from vql.research.training import TrainConfig, train
+from vql.research.zoo import MODELS
 
 CPU = torch.device("cpu")
 TINY = SyntheticSpec(users=60, events_per_user=300, targets_per_user=16, items_per_category=10, recent_noise=50)

@@ -1,4 +1,4 @@
-"""docs/results.md and its plots from the aggregated records of model/experiments.py."""
+"""docs/results.md and its plots from the aggregated records of research/experiments.py."""
 
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ from functools import partial
 from vql.model.config import ModelConfig
 from vql.model.ctr import CTRModel
 from vql.model.encoder import VQLModel
-from vql.model.zoo.din import DINModel
-from vql.model.zoo.full import FullAttentionModel
-from vql.model.zoo.mean_pool import MeanPoolModel
-from vql.model.zoo.sdim import SDIMModel
-from vql.model.zoo.sim import SIMHardModel
+from vql.research.zoo.din import DINModel
+from vql.research.zoo.full import FullAttentionModel
+from vql.research.zoo.mean_pool import MeanPoolModel
+from vql.research.zoo.sdim import SDIMModel
+from vql.research.zoo.sim import SIMHardModel
 
 MODELS: dict[str, Callable[[ModelConfig], CTRModel]] = {
     "vql": VQLModel,

@@ -1,4 +1,4 @@
-"""Training and evaluation of any CTR model here on a Dataset (model/datasets.py).
+"""Training and evaluation of any CTR model here on a Dataset (research/datasets.py).
 
 Batches are grouped by user: every target of a user attends over that user's events, each
 seeing only its own prefix. Loss: binary cross-entropy on the CTR logit plus the model's
@@ -18,8 +18,8 @@ from tqdm import tqdm
 from vql.model.ctr import CTRModel, TensorBatch
 from vql.model.encoder import VQLModel
 from vql.model.features import hash_buckets
-from vql.model.datasets import Histories, Samples, user_batches
-from vql.model.metrics import auc, gauc, logloss
+from vql.research.datasets import Histories, Samples, user_batches
+from vql.research.metrics import auc, gauc, logloss
 
 
 @dataclass(frozen=True)

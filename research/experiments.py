@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from vql.model.config import ModelConfig
-from vql.model.datasets import Dataset
-from vql.model.training import TrainConfig, evaluate, train
-from vql.model.zoo import MODELS
+from vql.research.datasets import Dataset
+from vql.research.training import TrainConfig, evaluate, train
+from vql.research.zoo import MODELS
 
 
 @dataclass(frozen=True)
